@@ -1,0 +1,5 @@
+import sys
+
+from llmshrink.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""Run a recipe: load -> evaluate base -> passes in order -> evaluate -> save -> verify reload."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from llmshrink import __version__
+from llmshrink.context import Context
+from llmshrink.errors import LlmshrinkError
+from llmshrink.recipe import LoadedRecipe, Recipe
+from llmshrink.registry import get_pass
+
+
+def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -> dict:
+    """Apply `loaded` end to end; returns the manifest written to <output>/llmshrink.json."""
+    from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+    from llmshrink.eval.report import format_table, write_report_md
+    from llmshrink.hub import model_card
+    from llmshrink.models import load_base_model
+
+    recipe = loaded.recipe
+    out_dir = Path(output_dir or recipe.output.dir)
+    _check_output_dir(recipe, out_dir, loaded.path)
+    torch.manual_seed(recipe.seed)
+    device = _resolve_device(recipe.device)
+    steps = 5 + len(loaded.stages)
+    step = iter(range(1, steps + 1))
+
+    log(f"[{next(step)}/{steps}] load {recipe.model.id}")
+    base_loaded = load_base_model(recipe.model, device=device)  # may download/convert once (cached)
+    model, tokenizer = base_loaded.model, base_loaded.tokenizer
+    evaluator = Evaluator(recipe, tokenizer, device)
+
+    log(f"[{next(step)}/{steps}] evaluate base model")
+    # A second, timed load gives a fair load time (the first may have converted a GGUF) and the teacher.
+    start = time.perf_counter()
+    teacher = load_base_model(recipe.model, device=device).model
+    load_seconds = time.perf_counter() - start
+    base = evaluator.measure(model, log)
+    base["load_seconds"] = load_seconds
+    teacher.requires_grad_(False).eval()
+    ctx = Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log)
+
+    stage_rows, records = [], []
+    for index, stage in enumerate(loaded.stages):
+        log(f"[{next(step)}/{steps}] {stage.name}")
+        start = time.perf_counter()
+        record = get_pass(stage.name).apply(model, stage.config, ctx)
+        seconds = time.perf_counter() - start
+        row = {"stage": f"{index}:{stage.name}", "seconds": round(seconds, 2), "params": evaluator.params(model)}
+        if recipe.evaluate.after_each_stage and evaluator.has_perplexity:
+            row["perplexity"] = evaluator.perplexity(model)
+            log(f"  perplexity after {stage.name}: {row['perplexity']:.2f}")
+        stage_rows.append(row)
+        records.append(
+            {"pass": stage.name, "config": stage.config.model_dump(mode="json"), "record": record,
+             "seconds": round(seconds, 3)}
+        )
+
+    log(f"[{next(step)}/{steps}] evaluate compressed model")
+    compressed = evaluator.measure(model, log, known_ppl=stage_rows[-1].get("perplexity") if stage_rows else None)
+    compressed["compress_seconds"] = sum(row["seconds"] for row in stage_rows)
+    manifest = {
+        "llmshrink_version": __version__,
+        "name": recipe.name,
+        "base_model": {
+            "id": base_loaded.model_id,
+            "revision": base_loaded.revision,
+            "source": base_loaded.source,
+            "notes": base_loaded.notes,
+            "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+        },
+        "passes": records,
+        "stages": stage_rows,
+        "metrics": {"base": base, "compressed": compressed},
+        "evaluation": {"perplexity": evaluator.protocol},
+    }
+
+    log(f"[{next(step)}/{steps}] save {out_dir}")
+    card = model_card(manifest, loaded.text)
+    save_checkpoint(model, tokenizer, out_dir, recipe_text=loaded.text, manifest=manifest, model_card=card,
+                    overwrite=recipe.output.overwrite)
+
+    log(f"[{next(step)}/{steps}] verify reload")
+    start = time.perf_counter()
+    reloaded = load_checkpoint(out_dir, device=device)
+    compressed["load_seconds"] = time.perf_counter() - start
+    manifest["checks"] = {"reload_max_abs_logit_diff": _max_logit_diff(model, reloaded, evaluator.probe_ids())}
+    if manifest["checks"]["reload_max_abs_logit_diff"] != 0.0:
+        raise LlmshrinkError(f"{out_dir}: reloaded model differs from the compressed one: {manifest['checks']}")
+    compressed["size_bytes"] = _weights_bytes(out_dir)
+
+    card = model_card(manifest, loaded.text)
+    _rewrite(out_dir / "README.md", card)
+    _rewrite_manifest(out_dir, manifest)
+    write_report_md(out_dir / "report.md", recipe.name, base, compressed, stage_rows, evaluator.protocol,
+                    base_loaded.notes)
+    log("")
+    log(format_table(base, compressed))
+    log(f"\nsaved {out_dir} (report: {out_dir / 'report.md'})")
+    return manifest
+
+
+class Evaluator:
+    """The recipe's `evaluate:` section, with its token ids loaded once."""
+
+    def __init__(self, recipe: Recipe, tokenizer, device: torch.device):
+        from llmshrink.distill.data import token_ids
+
+        self.spec, self.tokenizer, self.device = recipe.evaluate, tokenizer, device
+        self.vocab_size = len(tokenizer)
+        ppl = self.spec.perplexity
+        self.has_perplexity = ppl is not None
+        self.ids = token_ids(ppl.data, tokenizer) if ppl is not None else None
+        self.protocol: dict = {}
+
+    def params(self, model) -> int:
+        from llmshrink.eval.efficiency import count_params
+
+        return count_params(model)
+
+    def perplexity(self, model) -> float:
+        from llmshrink.eval.efficiency import has_tied_embeddings
+        from llmshrink.eval.perplexity import perplexity
+
+        spec = self.spec.perplexity
+        bos = self.tokenizer.bos_token_id if spec.add_bos else None
+        result = perplexity(model, self.ids, spec.window, spec.stride, spec.batch_size, self.device,
+                            bos_token_id=bos)
+        self.protocol = {
+            "dataset": spec.data.source, "config": spec.data.config, "split": spec.data.split,
+            "max_tokens": spec.data.max_tokens, **result.protocol, "tokens_scored": result.tokens_scored,
+            "tied_embeddings": has_tied_embeddings(model),
+        }
+        return result.ppl
+
+    def measure(self, model, log, known_ppl: float | None = None) -> dict:
+        from llmshrink.eval.efficiency import measure_latency, safetensors_bytes
+
+        metrics = {"params": self.params(model), "size_bytes": safetensors_bytes(model)}
+        if self.has_perplexity:
+            metrics["perplexity"] = known_ppl if known_ppl is not None else self.perplexity(model)
+            log(f"  perplexity: {metrics['perplexity']:.2f}")
+        if self.spec.latency is not None:
+            lat = self.spec.latency
+            timing = measure_latency(model, self.vocab_size, lat.prompt_tokens, lat.new_tokens, lat.batch_size,
+                                     lat.repeats)
+            metrics["decode_tokens_per_s"] = timing["tokens_per_s"]
+            metrics["prefill_ms"] = timing["prefill_ms"]
+        return metrics
+
+    def probe_ids(self) -> torch.Tensor:
+        ids = self.ids[:64] if self.ids is not None else torch.arange(16) % self.vocab_size
+        return ids.unsqueeze(0).to(self.device)
+
+
+def _check_output_dir(recipe: Recipe, out_dir: Path, recipe_path: Path) -> None:
+    # Fail before the work, not after it; and never replace a directory holding an input.
+    if out_dir.exists() and not recipe.output.overwrite:
+        raise LlmshrinkError(
+            f"output.dir: {out_dir} already exists; set output.overwrite: true or choose another dir"
+        )
+    out = out_dir.resolve()
+    inputs = [recipe_path.resolve(), Path(recipe.model.id).expanduser().resolve()]
+    for path in inputs:
+        if path.exists() and (path == out or out in path.parents):
+            raise LlmshrinkError(f"output.dir: {out_dir} holds an input ({path}); choose another dir")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LlmshrinkError("device: 'cuda' requested but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def _max_logit_diff(a, b, ids: torch.Tensor) -> float:
+    return float((a(ids).logits - b(ids).logits).abs().max())
+
+
+def _weights_bytes(out_dir: Path) -> int:
+    return sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+
+
+def _rewrite(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _rewrite_manifest(out_dir: Path, manifest: dict) -> None:
+    import json
+
+    path = out_dir / "llmshrink.json"
+    saved = json.loads(path.read_text())  # keeps the versions save_checkpoint added
+    saved.update(manifest)
+    _rewrite(path, json.dumps(saved, indent=2))

@@ -1,0 +1,14 @@
+"""User-facing errors: one clear line, no traceback, exit code 2."""
+
+
+class LlmshrinkError(Exception):
+    """Bad input (recipe, file, shape, unsupported model). The CLI prints str(err) and exits 2."""
+
+
+class RecipeError(LlmshrinkError):
+    """A recipe field is wrong: the message names file, field, value and what is allowed."""
+
+    def __init__(self, file: str, field: str, message: str):
+        self.file, self.field = file, field
+        where = f"{file}: {field}" if field else file
+        super().__init__(f"{where}: {message}")

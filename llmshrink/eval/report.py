@@ -1,0 +1,199 @@
+"""The base-vs-compressed table (terminal and markdown) and the markdown report of an `apply` run.
+
+Metric dict contract, shared by apply, the manifest and this report (a missing key prints as "-"):
+
+    params               int    unique parameters, tied weights once      (efficiency.count_params)
+    size_bytes           int    bytes on disk of the weights               (efficiency.safetensors_bytes
+                                                                            or dir_size(..., weights_only))
+    perplexity           float  sliding-window perplexity                  (perplexity.perplexity().ppl)
+    decode_tokens_per_s  float  greedy generate throughput                 (measure_latency()["tokens_per_s"])
+    prefill_ms           float  one forward over the prompt                (measure_latency()["prefill_ms"])
+    load_seconds         float  time to load the model                     (efficiency.load_time)
+    compress_seconds     float  time the recipe's stages took (compressed model only)
+
+Stage rows (one per recipe stage): `stage` (name), `seconds`, `params` and `perplexity` after it.
+Perplexity protocol dict: `dataset`, `split`, `window`, `stride`, `tokens`, `bos`, `tied_embeddings`
+(PerplexityResult.protocol plus what the caller knows about the data and the model).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+MISSING = "-"
+METRIC_KEYS = (
+    "params",
+    "size_bytes",
+    "perplexity",
+    "decode_tokens_per_s",
+    "prefill_ms",
+    "load_seconds",
+    "compress_seconds",
+)
+COMPRESSED_ONLY = {"compress_seconds"}
+
+
+def _count(v: float) -> str:
+    return f"{int(v):,}"
+
+
+def _fixed(digits: int) -> Callable[[float], str]:
+    return lambda v: f"{v:.{digits}f}"
+
+
+# key -> (row label, formatter of the raw value)
+_ROWS: dict[str, tuple[str, Callable[[float], str]]] = {
+    "params": ("params", _count),
+    "size_bytes": ("size on disk (MB)", lambda v: f"{v / 1e6:.2f}"),
+    "perplexity": ("perplexity", _fixed(2)),
+    "decode_tokens_per_s": ("decode tokens/s", _fixed(1)),
+    "prefill_ms": ("prefill ms", _fixed(1)),
+    "load_seconds": ("load time (s)", _fixed(2)),
+    "compress_seconds": ("compression time (s)", _fixed(1)),
+}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _cell(key: str, value) -> str:
+    if not _is_number(value):
+        return MISSING
+    return _ROWS[key][1](value) if key in _ROWS else f"{value:g}"
+
+
+def ratio(base, compressed) -> str:
+    """compressed / base as '0.78x'; '-' when either is missing or the ratio is undefined."""
+    if not (_is_number(base) and _is_number(compressed)) or base == 0:
+        return MISSING
+    r = compressed / base
+    return f"{r:.2f}x" if math.isfinite(r) else MISSING
+
+
+def comparison_rows(base: dict, compressed: dict, keys: Sequence[str] = METRIC_KEYS) -> list[list[str]]:
+    """[label, base, compressed, ratio] per metric key, as display strings."""
+    rows = []
+    for key in keys:
+        label = _ROWS[key][0] if key in _ROWS else key
+        b = None if key in COMPRESSED_ONLY else base.get(key)
+        c = compressed.get(key)
+        rows.append([label, _cell(key, b), _cell(key, c), ratio(b, c)])
+    return rows
+
+
+HEADER = ["metric", "base", "compressed", "ratio"]
+
+
+def format_table(base: dict, compressed: dict) -> str:
+    """Plain-text table for the terminal: metric | base | compressed | ratio."""
+    rows = [HEADER, *comparison_rows(base, compressed)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+
+    def line(r: list[str]) -> str:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        return " | ".join(cells)
+
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+
+
+def _md_table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _yes_no(v) -> str:
+    return MISSING if v is None else ("yes" if v else "no")
+
+
+def protocol_line(protocol: dict) -> str:
+    """One line that says how the perplexity was measured; printed beside every perplexity."""
+    dataset = protocol.get("dataset", MISSING)
+    split = protocol.get("split")
+    tokens = protocol.get("tokens")
+    bos = protocol.get("bos")
+    bos_text = MISSING if bos is None else ("BOS prepended to each window" if bos else "no BOS")
+    parts = [
+        f"dataset {dataset}" + (f" ({split})" if split else ""),
+        f"window {protocol.get('window', MISSING)}",
+        f"stride {protocol.get('stride', MISSING)}",
+        f"{tokens:,} tokens" if isinstance(tokens, int) else f"tokens {MISSING}",
+        bos_text,
+        f"tied embeddings: {_yes_no(protocol.get('tied_embeddings'))}",
+    ]
+    return "Perplexity protocol: " + ", ".join(parts)
+
+
+def _stage_cells(row: dict) -> list[str]:
+    seconds = row.get("seconds")
+    return [
+        str(row.get("stage", MISSING)),
+        _fixed(1)(seconds) if _is_number(seconds) else MISSING,
+        _cell("params", row.get("params")),
+        _cell("perplexity", row.get("perplexity")),
+    ]
+
+
+def render_report_md(
+    name: str, base: dict, compressed: dict, stage_rows: list[dict], protocol: dict, notes: list[str]
+) -> str:
+    """The markdown text write_report_md writes."""
+    bos = protocol.get("bos")
+    details = [
+        ("dataset", protocol.get("dataset", MISSING)),
+        ("split", protocol.get("split", MISSING)),
+        ("window", protocol.get("window", MISSING)),
+        ("stride", protocol.get("stride", MISSING)),
+        ("tokens", protocol.get("tokens", MISSING)),
+        ("BOS", MISSING if bos is None else ("prepended to each window" if bos else "not added")),
+        ("tied embeddings", _yes_no(protocol.get("tied_embeddings"))),
+    ]
+    parts = [
+        f"# llmshrink report: {name}",
+        "## Base vs compressed",
+        _md_table(HEADER, comparison_rows(base, compressed)),
+        "## Stages",
+        _md_table(
+            ["stage", "seconds", "params after", "perplexity after"], [_stage_cells(r) for r in stage_rows]
+        )
+        if stage_rows
+        else "No stages ran.",
+        "## Perplexity protocol",
+        protocol_line(protocol),
+        "\n".join(f"- {k}: {v}" for k, v in details),
+    ]
+    if notes:
+        parts += ["## Notes", "\n".join(f"- {n}" for n in notes)]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report_md(
+    path: str | os.PathLike,
+    name: str,
+    base: dict,
+    compressed: dict,
+    stage_rows: list[dict],
+    protocol: dict,
+    notes: list[str],
+) -> Path:
+    """Write the markdown report atomically (temp file in the same directory, then os.replace)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = render_report_md(name, base, compressed, stage_rows, protocol, notes)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target

@@ -1,0 +1,184 @@
+"""The recipe YAML as typed pydantic models, and loading it with one-line errors.
+
+    name: smollm2-kron
+    model: {id: builtin:smollm2-135m}
+    data: {source: builtin:shakespeare, fraction: 0.5}
+    stages:
+      - kronecker: {targets: '.*\\.mlp\\..*', rank: 1}
+      - distill: {steps: 100}
+    evaluate: {perplexity: {data: {source: builtin:shakespeare, split: test}}}
+    output: {dir: out/smollm2-kron}
+
+Each stage is a one-key mapping `{pass name: pass config}`; the pass's own config model validates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from llmshrink.errors import RecipeError
+from llmshrink.passes.base import PassConfig
+from llmshrink.registry import get_pass
+from llmshrink.specs import DataSpec, ModelSpec, Spec
+
+
+class PerplexitySpec(Spec):
+    data: DataSpec = DataSpec(split="test")
+    window: int = Field(512, ge=2, description="tokens the model sees at once")
+    stride: int = Field(256, ge=1, description="new tokens scored per window")
+    batch_size: int = Field(1, ge=1)
+    add_bos: bool = Field(False, description="prepend the BOS token to every window")
+
+
+class LatencySpec(Spec):
+    prompt_tokens: int = Field(32, ge=1)
+    new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(1, ge=1)
+    repeats: int = Field(3, ge=1)
+
+
+class EvaluateSpec(Spec):
+    perplexity: PerplexitySpec | None = PerplexitySpec()
+    latency: LatencySpec | None = LatencySpec()
+    after_each_stage: bool = Field(True, description="perplexity after every stage, not only at the end")
+
+
+class OutputSpec(Spec):
+    dir: str
+    overwrite: bool = Field(False, description="replace an existing checkpoint directory (atomically)")
+
+
+class Recipe(Spec):
+    name: str
+    description: str = ""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelSpec = ModelSpec()
+    data: DataSpec | None = None
+    stages: list[Any] = Field(default_factory=list)
+    evaluate: EvaluateSpec = EvaluateSpec()
+    output: OutputSpec
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: PassConfig
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    recipe: Recipe
+    stages: list[Stage]
+    path: Path
+    text: str  # the exact YAML that ran (after --set overrides), saved beside the checkpoint
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
+    """Read, override (`key.path=value`), and validate a recipe. Any problem -> RecipeError (one line)."""
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise RecipeError(file, "", "no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        raise RecipeError(file, where, f"not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(file, "", f"expected a mapping of sections at the top, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, file)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(file, *_describe(err, Recipe, prefix="")) from None
+    stages = [_parse_stage(i, item, file) for i, item in enumerate(recipe.stages)]
+    text = yaml.safe_dump(raw, sort_keys=False) if overrides else path.read_text()
+    return LoadedRecipe(recipe, stages, path, text)
+
+
+def _parse_stage(index: int, item: Any, file: str) -> Stage:
+    field = f"stages[{index}]"
+    if not isinstance(item, dict) or len(item) != 1:
+        raise RecipeError(file, field, f"expected a one-key mapping {{pass name: config}}, got {item!r}")
+    (name, body), = item.items()
+    try:
+        spec = get_pass(str(name))
+    except KeyError as err:
+        raise RecipeError(file, field, err.args[0]) from None
+    body = {} if body is None else body
+    if not isinstance(body, dict):
+        raise RecipeError(file, f"{field}.{name}", f"expected a mapping of settings, got {body!r}")
+    try:
+        return Stage(name, spec.config_cls.model_validate(body))
+    except ValidationError as err:
+        raise RecipeError(file, *_describe(err, spec.config_cls, prefix=f"{field}.{name}")) from None
+
+
+def apply_override(raw: dict, item: str, file: str) -> None:
+    """`stages.0.kronecker.rank=2` sets raw['stages'][0]['kronecker']['rank'] = 2 (value parsed as YAML)."""
+    if "=" not in item:
+        raise RecipeError(file, f"--set {item}", "expected key.path=value")
+    key, value = item.split("=", 1)
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(file, f"--set {where}", f"no item {part!r}; the list has {len(node)} items")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise RecipeError(file, f"--set {where}", f"cannot set a key inside {node!r}")
+        if last:
+            node[part] = yaml.safe_load(value)
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def _describe(err: ValidationError, model: type[BaseModel], prefix: str) -> tuple[str, str]:
+    """(field path, message) for the first pydantic error, in the project's one-line style."""
+    first = err.errors()[0]
+    loc = list(first["loc"])
+    field = prefix
+    for part in loc:
+        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        return field, f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"
+    if first["type"] == "missing":
+        return field, "required field is missing"
+    message = first["msg"]
+    message = message[0].lower() + message[1:] if message else message
+    return field, f"{message}, got {value!r}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: list) -> list[str]:
+    # Walk the pydantic models along the error's path to list the keys valid at that level.
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        info = model.model_fields.get(part)
+        model = _model_of(info.annotation) if info else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,38 @@
+"""Typed recipe sections that several modules read: where a model and a text come from.
+
+These are pydantic models with extra="forbid" (a misspelt key is an error, never ignored).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Spec):
+    """The base model: a hub id, a local directory, a .gguf file, or a built-in name."""
+
+    id: str = Field("builtin:smollm2-135m", description="hub id, local dir, .gguf file or builtin:NAME")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataSpec(Spec):
+    """A text source, cut down deterministically to `fraction` and then to `max_tokens`."""
+
+    source: str = Field(
+        "builtin:shakespeare",
+        description="builtin:NAME, a datasets hub id, or a local .txt/.jsonl/.json/.parquet file",
+    )
+    config: str | None = Field(None, description="datasets config name, e.g. wikitext-103-raw-v1")
+    split: str = "train"
+    text_field: str = "text"
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int = 0

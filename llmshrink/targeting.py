@@ -1,0 +1,67 @@
+"""Which modules a pass touches: a regex over module names, an optional layer filter.
+
+Dense layers are nn.Linear and GPT-2's Conv1D (transposed weight, fused qkv in `c_attn`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from llmshrink.errors import LlmshrinkError
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def is_dense_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def layer_index(name: str) -> int | None:
+    """The block number in a module name (`model.layers.7.mlp.up_proj` -> 7), if any."""
+    found = _LAYER_INDEX.search(f".{name}.")
+    return int(found.group(1)) if found else None
+
+
+def find_targets(
+    model: nn.Module,
+    targets: str,
+    exclude: str | None = None,
+    layers: list[int] | None = None,
+    field: str = "targets",
+) -> list[tuple[str, nn.Module]]:
+    """Dense layers whose full name matches `targets` (and not `exclude`), in model order."""
+    chosen = []
+    for name, module in model.named_modules():
+        if not is_dense_layer(module) or not re.fullmatch(targets, name):
+            continue
+        if exclude and re.fullmatch(exclude, name):
+            continue
+        if layers is not None and layer_index(name) not in layers:
+            continue
+        chosen.append((name, module))
+    if not chosen:
+        examples = [n for n, m in model.named_modules() if is_dense_layer(m)][:4]
+        raise LlmshrinkError(
+            f"{field}: {targets!r} matches no Linear/Conv1D layer"
+            + (f" in layers {layers}" if layers is not None else "")
+            + f"; layer names look like {', '.join(examples)}"
+        )
+    return chosen
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def shared_weight_names(model: nn.Module, name: str) -> list[str]:
+    """Other modules whose weight is the same tensor as `name`'s (e.g. a tied lm_head and embedding)."""
+    weight = model.get_submodule(name).weight
+    return [
+        other
+        for other, module in model.named_modules()
+        if other != name and getattr(module, "weight", None) is weight
+    ]

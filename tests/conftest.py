@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny seeded random models saved with an offline tokenizer (no hub access)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+WORDS = (
+    "the a of and to in is was he she it that for on with as his her they at by this had not but be "
+    "from are have were or all one which their so an there been if would will what when who more no "
+    "out up said into them than time could about only like then some my now".split()
+)
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over a fixed vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                                   bos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_inner=256, vocab_size=128, n_positions=128,
+                        bos_token_id=1, eos_token_id=1)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random GPT-2 and tokenizer saved as a local model directory."""
+    path = tmp_path / "tiny-gpt2"
+    tiny_gpt2().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    path = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_text(tmp_path):
+    """A local text file in the tiny tokenizer's vocabulary, with repeated structure to learn."""
+    import random
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS[:20]) for _ in range(12)) for _ in range(200)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,95 @@
+"""The command line end to end on a tiny model: apply writes a checkpoint that reloads exactly;
+bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmshrink
+from llmshrink.cli import main
+
+
+def recipe_text(model_dir, text_file, out_dir, kron: str = "{targets: '.*mlp\\.c_fc', a_shape: [16, 8]}"):
+    return f"""\
+name: tiny
+model: {{id: {model_dir}}}
+data: {{source: {text_file}}}
+stages:
+  - kronecker: {kron}
+  - distill: {{steps: 4, batch_size: 2, seq_len: 32, warmup_steps: 1, lr: 1.0e-3}}
+evaluate:
+  perplexity: {{data: {{source: {text_file}, max_tokens: 300}}, window: 32, stride: 16}}
+  latency: {{prompt_tokens: 4, new_tokens: 4, repeats: 1}}
+output: {{dir: {out_dir}}}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_model_dir, tiny_text):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(recipe_text(tiny_model_dir, tiny_text, tmp_path / "out"))
+    return path
+
+
+def test_apply_writes_a_checkpoint_that_reloads_exactly(recipe, tmp_path, capsys):
+    assert main(["apply", str(recipe)]) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    for name in ["config.json", "model.safetensors", "recipe.yaml", "llmshrink.json", "README.md", "report.md",
+                 "modeling_llmshrink.py", "kronecker.py"]:
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "llmshrink.json").read_text())
+    assert [p["pass"] for p in manifest["passes"]] == ["kronecker", "distill"]
+    layers = manifest["passes"][0]["record"]["layers"]
+    assert [layer["name"] for layer in layers] == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    assert layers[0]["a_shape"] == [16, 8] and layers[0]["b_shape"] == [16, 8]
+    assert manifest["checks"]["reload_max_abs_logit_diff"] == 0.0
+    base, small = manifest["metrics"]["base"], manifest["metrics"]["compressed"]
+    assert small["params"] == base["params"] - 2 * (256 * 64 - (16 * 8 + 16 * 8))
+    assert small["size_bytes"] < base["size_bytes"]
+    assert manifest["evaluation"]["perplexity"]["window"] == 32
+    assert (out / "recipe.yaml").read_text() == recipe.read_text()
+    assert "perplexity" in printed and "[1/7] load" in printed
+
+    model = llmshrink.load(out)
+    ids = torch.arange(10).unsqueeze(0)
+    again = llmshrink.load(out)
+    assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_existing_output_is_refused_before_any_work(recipe, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    assert main(["apply", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"llmshrink: error: output.dir: {tmp_path / 'out'} already exists; " \
+                  "set output.overwrite: true or choose another dir"
+
+
+def test_shape_that_cannot_factor_is_one_line(tmp_path, tiny_model_dir, tiny_text, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(recipe_text(tiny_model_dir, tiny_text, tmp_path / "out", kron="{a_shape: [3, 5]}"))
+    assert main(["apply", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith("llmshrink: error: kronecker: layer transformer.h.0.mlp.c_fc: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_and_exit_codes_through_the_console_entry(tmp_path, recipe):
+    ok = subprocess.run([sys.executable, "-m", "llmshrink", "validate", str(recipe)], capture_output=True,
+                        text=True)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("ok (2 stages: kronecker, distill)")
+    bad = recipe.read_text().replace("steps: 4", "steps: four")
+    recipe.write_text(bad)
+    res = subprocess.run([sys.executable, "-m", "llmshrink", "validate", str(recipe)], capture_output=True,
+                         text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"llmshrink: error: {recipe}: stages[1].distill.steps: input should be a valid integer, "
+        "unable to parse string as an integer, got 'four'"
+    ]
