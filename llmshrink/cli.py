@@ -57,6 +57,7 @@ def _apply(args) -> int:
     from llmshrink.recipe import load_recipe
 
     hf_logging.set_verbosity_error()  # our own progress lines are the log; keep library chatter out
+    hf_logging.disable_progress_bar()
     loaded = load_recipe(args.recipe, args.overrides)
     run_recipe(loaded, output_dir=args.output)
     return 0

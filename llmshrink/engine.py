@@ -1,4 +1,4 @@
-"""Run a recipe: load -> evaluate base -> passes in order -> evaluate -> save -> verify reload."""
+"""Run a recipe: load -> passes in order -> evaluate base and result -> save -> verify reload."""
 
 from __future__ import annotations
 
@@ -30,17 +30,15 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     step = iter(range(1, steps + 1))
 
     log(f"[{next(step)}/{steps}] load {recipe.model.id}")
-    base_loaded = load_base_model(recipe.model, device=device)  # may download/convert once (cached)
+    base_loaded = load_base_model(recipe.model, device=device, log=log)  # may download/convert once (cached)
     model, tokenizer = base_loaded.model, base_loaded.tokenizer
     evaluator = Evaluator(recipe, tokenizer, device)
 
-    log(f"[{next(step)}/{steps}] evaluate base model")
-    # A second, timed load gives a fair load time (the first may have converted a GGUF) and the teacher.
+    # A second, timed load gives a fair load time (the first may have converted a GGUF) and the teacher:
+    # an untouched copy of the base, evaluated after the stages so that a bad stage fails fast.
     start = time.perf_counter()
-    teacher = load_base_model(recipe.model, device=device).model
+    teacher = load_base_model(recipe.model, device=device, log=log).model
     load_seconds = time.perf_counter() - start
-    base = evaluator.measure(model, log)
-    base["load_seconds"] = load_seconds
     teacher.requires_grad_(False).eval()
     ctx = Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log)
 
@@ -59,6 +57,10 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
             {"pass": stage.name, "config": stage.config.model_dump(mode="json"), "record": record,
              "seconds": round(seconds, 3)}
         )
+
+    log(f"[{next(step)}/{steps}] evaluate base model")
+    base = evaluator.measure(teacher, log)
+    base["load_seconds"] = load_seconds
 
     log(f"[{next(step)}/{steps}] evaluate compressed model")
     compressed = evaluator.measure(model, log, known_ppl=stage_rows[-1].get("perplexity") if stage_rows else None)

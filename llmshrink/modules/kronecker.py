@@ -26,9 +26,12 @@ def nearest_kronecker(weight: torch.Tensor, a_shape, b_shape, rank: int = 1):
     w = weight.detach().to(torch.float32)
     rearranged = w.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
     u, s, vh = torch.linalg.svd(rearranged, full_matrices=False)
-    root = s[:rank].sqrt()
-    a = (u[:, :rank] * root).T.reshape(rank, m1, n1)
-    b = (vh[:rank].T * root).T.reshape(rank, m2, n2)
+    k = min(rank, s.numel())  # terms beyond the rearrangement's rank are zero
+    root = s[:k].sqrt()
+    a = torch.zeros(rank, m1, n1, dtype=w.dtype, device=w.device)
+    b = torch.zeros(rank, m2, n2, dtype=w.dtype, device=w.device)
+    a[:k] = (u[:, :k] * root).T.reshape(k, m1, n1)
+    b[:k] = (vh[:k].T * root).T.reshape(k, m2, n2)
     return a, b
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
@@ -39,7 +40,7 @@ class KroneckerConfig(PassConfig):
     max_rank: int = Field(8, ge=1, description="upper bound on terms when rank is chosen from `ratio`")
     permute: bool = Field(True, description="search row/column permutations that lower the error")
     search_iters: int = Field(20, ge=1, description="alternating-assignment iterations per layer")
-    search_restarts: int = Field(1, ge=1)
+    search_restarts: int = Field(2, ge=0, description="structured starts besides identity and norm order")
     tied_embeddings: Literal["refuse", "untie"] = Field(
         "refuse", description="what to do with a target whose weight is tied to another module"
     )
@@ -80,7 +81,8 @@ def apply(model, cfg: KroneckerConfig, ctx: Context) -> PassRecord:
             error, error_identity = found.error, found.error_identity
         new = KroneckerLinear.from_linear(module, a_shape, b_shape, rank, row_perm=row_perm, col_perm=col_perm)
         if error is None:
-            error = float((new.to_dense() - weight).norm() / weight.norm())
+            with torch.no_grad():
+                error = float((new.to_dense() - weight).norm() / weight.norm())
         replace_module(model, name, new)
         if tied_to:
             untied.append(name)
@@ -147,7 +149,7 @@ def _layer_shapes(name: str, weight, cfg: KroneckerConfig):
         choice = choose_factor_shapes(weight, cfg.ratio, rank=cfg.rank, max_rank=cfg.max_rank)
         return tuple(choice.a_shape), tuple(choice.b_shape), choice.rank
     except LlmshrinkError as err:
-        raise LlmshrinkError(f"kronecker: layer {name}: {err}") from None
+        raise LlmshrinkError(f"kronecker: {name}: {err}") from None
 
 
 register_pass("kronecker", KroneckerConfig, apply)
