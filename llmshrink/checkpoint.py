@@ -26,6 +26,7 @@ from torch import nn
 
 from llmshrink import __version__
 from llmshrink.errors import LlmshrinkError
+from llmshrink.fileio import make_readable
 from llmshrink.modules import COMPRESSED_MODULES
 from llmshrink.remote_template import REMOTE_FILE, write_remote_code
 
@@ -108,6 +109,7 @@ def save_checkpoint(
         (tmp / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
         (tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
         (tmp / "README.md").write_text(model_card, encoding="utf-8")
+        make_readable(tmp)  # safetensors and mkdtemp-style dirs would otherwise be owner-only
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

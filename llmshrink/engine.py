@@ -10,6 +10,7 @@ import torch
 from llmshrink import __version__
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
+from llmshrink.fileio import atomic_write_text
 from llmshrink.recipe import LoadedRecipe, Recipe
 from llmshrink.registry import get_pass
 
@@ -96,7 +97,7 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     compressed["size_bytes"] = _weights_bytes(out_dir)
 
     card = model_card(manifest, loaded.text)
-    _rewrite(out_dir / "README.md", card)
+    atomic_write_text(out_dir / "README.md", card)
     _rewrite_manifest(out_dir, manifest)
     write_report_md(out_dir / "report.md", recipe.name, base, compressed, stage_rows, evaluator.protocol,
                     base_loaded.notes)
@@ -189,16 +190,10 @@ def _weights_bytes(out_dir: Path) -> int:
     return sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
 
 
-def _rewrite(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _rewrite_manifest(out_dir: Path, manifest: dict) -> None:
     import json
 
     path = out_dir / "llmshrink.json"
     saved = json.loads(path.read_text())  # keeps the versions save_checkpoint added
     saved.update(manifest)
-    _rewrite(path, json.dumps(saved, indent=2))
+    atomic_write_text(path, json.dumps(saved, indent=2) + "\n")

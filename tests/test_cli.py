@@ -4,6 +4,7 @@ bad input is one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,6 +55,10 @@ def test_apply_writes_a_checkpoint_that_reloads_exactly(recipe, tmp_path, capsys
     assert small["size_bytes"] < base["size_bytes"]
     assert manifest["evaluation"]["perplexity"]["window"] == 32
     assert (out / "recipe.yaml").read_text() == recipe.read_text()
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ["model.safetensors", "report.md", "llmshrink.json"]:  # not mkstemp's owner-only 0600
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
     assert "perplexity" in printed and "[1/7] load" in printed
 
     model = llmshrink.load(out)

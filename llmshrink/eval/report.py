@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from llmshrink.fileio import atomic_write_text
 
 MISSING = "-"
 METRIC_KEYS = (
@@ -184,16 +185,5 @@ def write_report_md(
     notes: list[str],
 ) -> Path:
     """Write the markdown report atomically (temp file in the same directory, then os.replace)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = render_report_md(name, base, compressed, stage_rows, protocol, notes)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write_text(path, text)

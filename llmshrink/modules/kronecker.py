@@ -143,20 +143,23 @@ class KroneckerLinear(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (m1, n1), (m2, n2) = self.a_shape, self.b_shape
+        (m1, n1), (m2, n2), r = self.a_shape, self.b_shape, self.rank
         if self.permuted:
-            x = x.index_select(-1, self.in_index)
+            x = _gather_last(x, self.in_index)
         lead = x.shape[:-1]
         xs = x.reshape(-1, n1, n2)
+        # Plain matmuls with the terms stacked (einsum's planning costs more than the math at decode).
         if self._input_side_first:
-            t = torch.einsum("njl,rkl->nrjk", xs, self.b)  # X·Bᵀ per term: (N, r, n1, m2)
-            y = torch.einsum("rij,nrjk->nik", self.a, t)  # A·(X·Bᵀ), summed over terms
+            t = torch.matmul(xs, self.b.reshape(r * m2, n2).T)  # X·B_iᵀ for all i: (N, n1, r·m2)
+            t = t.reshape(-1, n1, r, m2).transpose(1, 2).reshape(-1, r * n1, m2)
+            y = torch.matmul(self.a.transpose(0, 1).reshape(m1, r * n1), t)  # Σ_i A_i·(X·B_iᵀ)
         else:
-            t = torch.einsum("rij,njl->nril", self.a, xs)  # A·X per term: (N, r, m1, n2)
-            y = torch.einsum("nril,rkl->nik", t, self.b)  # (A·X)·Bᵀ, summed over terms
+            t = torch.matmul(self.a.reshape(r * m1, n1), xs)  # A_i·X for all i: (N, r·m1, n2)
+            t = t.reshape(-1, r, m1, n2).transpose(1, 2).reshape(-1, m1, r * n2)
+            y = torch.matmul(t, self.b.transpose(1, 2).reshape(r * n2, m2))  # Σ_i (A_i·X)·B_iᵀ
         y = y.reshape(*lead, m1 * m2)
         if self.permuted:
-            y = y.index_select(-1, self.out_index)
+            y = _gather_last(y, self.out_index)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -174,3 +177,8 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     if type(layer).__name__ == "Conv1D":
         return layer.weight.detach().T
     return layer.weight.detach()
+
+
+def _gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[..., index], through gather (measured faster than index_select on the last dim on CPU)."""
+    return torch.gather(x, -1, index.expand(*x.shape[:-1], index.numel()))
