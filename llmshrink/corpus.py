@@ -5,11 +5,10 @@ Provenance and license of each file: llmshrink/data/README.md.
 
 from __future__ import annotations
 
-import difflib
 from functools import lru_cache
 from importlib import resources
 
-from llmshrink.errors import LlmshrinkError
+from llmshrink.errors import LlmshrinkError, did_you_mean
 
 # name -> split -> file under llmshrink/data/
 BUILTIN_CORPORA: dict[str, dict[str, str]] = {
@@ -25,8 +24,7 @@ def builtin_text(name: str, split: str) -> str:
     splits = BUILTIN_CORPORA.get(name)
     if splits is None:
         known = ", ".join(f"builtin:{k}" for k in BUILTIN_CORPORA)
-        close = difflib.get_close_matches(name, BUILTIN_CORPORA, n=1, cutoff=0.4)
-        hint = f" (did you mean builtin:{close[0]}?)" if close else ""
+        hint = did_you_mean(name, BUILTIN_CORPORA, prefix="builtin:")
         raise LlmshrinkError(f"data.source: unknown built-in corpus 'builtin:{name}'{hint}; known: {known}")
     key = SPLIT_ALIASES.get(split, split)
     if key not in splits:

@@ -12,3 +12,11 @@ class RecipeError(LlmshrinkError):
         self.file, self.field = file, field
         where = f"{file}: {field}" if field else file
         super().__init__(f"{where}: {message}")
+
+
+def did_you_mean(name: str, known, prefix: str = "") -> str:
+    """' (did you mean PREFIXmatch?)' for the closest known name, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.4)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""

@@ -5,7 +5,6 @@ Only causal (decoder-only) language models are loaded here; encoders are refused
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llmshrink.errors import LlmshrinkError
+from llmshrink.errors import LlmshrinkError, did_you_mean
 from llmshrink.specs import ModelSpec
 
 Source = Literal["builtin", "hub", "local", "gguf"]
@@ -270,8 +269,7 @@ def _load_builtin(name: str, dtype: torch.dtype, log: Callable[[str], None]) -> 
     info = BUILTIN_MODELS.get(name)
     if info is None:
         known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
-        close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.4)
-        hint = f" (did you mean builtin:{close[0]}?)" if close else ""
+        hint = did_you_mean(name, BUILTIN_MODELS, prefix="builtin:")
         raise LlmshrinkError(f"model.id: unknown built-in model 'builtin:{name}'{hint}; known: {known}")
     target = cache_root() / "models" / name
     if not _cache_valid(target, info):
