@@ -74,7 +74,7 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
             "revision": base_loaded.revision,
             "source": base_loaded.source,
             "notes": base_loaded.notes,
-            "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+            "tie_word_embeddings": bool(getattr(teacher.config, "tie_word_embeddings", False)),
         },
         "passes": records,
         "stages": stage_rows,
