@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ class Context:
     data: DataSpec | None = None  # the recipe's `data:` section (training / calibration text)
     seed: int = 0
     log: Callable[[str], None] = print
+    work_dir: Path | None = None  # this stage's own folder for resumable state (set by the engine)
     _token_cache: dict = field(default_factory=dict, repr=False)
 
     def train_token_ids(self) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -44,8 +45,10 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     ctx = Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log)
 
     stage_rows, records = [], []
+    work_root = work_dir_for(out_dir)  # resumable state; removed once the checkpoint is saved
     for index, stage in enumerate(loaded.stages):
         log(f"[{next(step)}/{steps}] {stage.name}")
+        ctx.work_dir = work_root / f"stage-{index}-{stage.name}"
         start = time.perf_counter()
         record = get_pass(stage.name).apply(model, stage.config, ctx)
         seconds = time.perf_counter() - start
@@ -86,6 +89,7 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     card = model_card(manifest, loaded.text)
     save_checkpoint(model, tokenizer, out_dir, recipe_text=loaded.text, manifest=manifest, model_card=card,
                     overwrite=recipe.output.overwrite)
+    shutil.rmtree(work_root, ignore_errors=True)
 
     log(f"[{next(step)}/{steps}] verify reload")
     start = time.perf_counter()
@@ -171,6 +175,11 @@ def _check_output_dir(recipe: Recipe, out_dir: Path, recipe_path: Path) -> None:
     for path in inputs:
         if path.exists() and (path == out or out in path.parents):
             raise LlmshrinkError(f"output.dir: {out_dir} holds an input ({path}); choose another dir")
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    """Where stages keep resumable state for `out_dir`: a hidden sibling, so the output stays clean."""
+    return out_dir.parent / f".{out_dir.name}.work"
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -99,3 +99,49 @@ def test_validate_and_exit_codes_through_the_console_entry(tmp_path, recipe):
         f"llmshrink: error: {recipe}: stages[1].distill.steps: input should be a valid integer, "
         "unable to parse string as an integer, got 'four'"
     ]
+
+
+def test_interrupted_apply_resumes_to_the_same_weights(tmp_path, tiny_model_dir, tiny_text, monkeypatch,
+                                                        capsys):
+    from safetensors.torch import load_file
+
+    import llmshrink.passes.distill as distill_pass
+    from llmshrink.engine import work_dir_for
+
+    def run(out, interrupt_after=None) -> int:
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(recipe_text(tiny_model_dir, tiny_text, out).replace("steps: 4,", "steps: 6, save_every: 2,"))
+        return main(["apply", str(path)])
+
+    assert run(tmp_path / "straight") == 0
+    assert not work_dir_for(tmp_path / "straight").exists()  # state is dropped once the checkpoint is saved
+
+    original = distill_pass.logit_kd_loss
+    calls = {"n": 0}
+
+    def crashing(alpha, temperature):
+        inner = original(alpha, temperature)
+
+        def loss_fn(*args):
+            calls["n"] += 1
+            if calls["n"] == 4:  # during step 4: steps 1-2 were saved, 3 was not
+                raise KeyboardInterrupt
+            return inner(*args)
+
+        return loss_fn
+
+    monkeypatch.setattr(distill_pass, "logit_kd_loss", crashing)
+    assert run(tmp_path / "resumed") == 130
+    assert not (tmp_path / "resumed").exists() and work_dir_for(tmp_path / "resumed").is_dir()
+    monkeypatch.setattr(distill_pass, "logit_kd_loss", original)
+    capsys.readouterr()
+    assert run(tmp_path / "resumed") == 0
+    assert "resuming from step 2 of 6" in capsys.readouterr().out
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
+    manifest = json.loads((tmp_path / "resumed" / "llmshrink.json").read_text())
+    assert manifest["passes"][1]["record"]["steps"] == 6

@@ -3,17 +3,32 @@
 The loss is a callable `loss_fn(student, teacher, input_ids) -> (loss, parts)`, so hidden-state
 losses or layer-by-layer schedules only swap the callable (and which parameters are trainable).
 The teacher handed to it is frozen: it runs in eval mode under torch.no_grad.
+
+Resume: with `state_dir` and `save_every`, the loop snapshots its state into
+`state_dir/step-<k>/` (written as `.tmp-step-<k>/`, then renamed, so a crash never leaves a half
+snapshot; only the newest is kept): `state.json` (run settings, step, data position, token count,
+losses), `trainable.safetensors` (the trainable parameters only; frozen ones never change),
+`optim.pt` (optimizer, scheduler and fp16 grad-scaler state dicts) and `rng-<process>.pt`. Plain
+state dicts rather than accelerator.save_state: that writes the whole model every time, needs the
+scheduler prepared (this loop steps it by hand, once per optimizer step), restores no data position
+for our sampler and records no settings to check a rerun against.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
 from llmshrink.errors import LlmshrinkError
@@ -28,7 +43,7 @@ class TrainResult:
     tokens: int  # tokens the student was trained on, over all processes
     seconds: float
     tokens_per_s: float
-    losses: list[float] = field(repr=False)  # mean loss of each optimizer step
+    losses: list[float] = field(repr=False)  # mean loss of each optimizer step, over all processes
     first_loss: float
     last_loss: float
     last_parts: dict[str, float] = field(default_factory=dict)  # e.g. kd / ce of the last micro-batch
@@ -66,6 +81,8 @@ def train(
     log: Callable[[str], None] = print,
     teacher: nn.Module | None = None,
     schedule: str = "cosine",
+    state_dir: str | Path | None = None,
+    save_every: int = 0,
 ) -> TrainResult:
     """Train `student` in place for `steps` optimizer steps on rows of `batches` (N x L token ids).
 
@@ -73,6 +90,10 @@ def train(
     `grad_accum` of them make one optimizer step. AdamW over the parameters with requires_grad,
     linear warmup then `schedule` decay ("cosine" or "linear") to zero, gradient clipping at
     `max_grad_norm` (0 = off). Leaves the student in eval mode.
+
+    With `save_every` > 0 the state is saved into `state_dir` every `save_every` optimizer steps
+    and at the end. If `state_dir` already holds a state, the run continues from it, and ends as
+    an uninterrupted run would; a state saved with other settings is refused.
     """
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, set_seed
@@ -80,9 +101,12 @@ def train(
 
     if steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError(f"steps, batch_size and grad_accum must be >= 1, got {steps}, {batch_size}, {grad_accum}")
+    if save_every < 0 or (save_every and state_dir is None):
+        raise ValueError(f"save_every must be >= 0 and needs a state_dir, got {save_every}, {state_dir}")
     if batches.ndim != 2 or batches.shape[0] == 0:
         raise LlmshrinkError(f"distill: expected a non-empty (blocks, seq_len) batch tensor, got {tuple(batches.shape)}")
-    params = [p for p in student.parameters() if p.requires_grad]
+    named = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    params = list(named.values())
     if not params:
         raise LlmshrinkError("distill: the model has no trainable parameters")
 
@@ -108,53 +132,86 @@ def train(
     loader = DataLoader(
         TensorDataset(batches.long()),
         batch_size=batch_size,
-        shuffle=True,
+        sampler=_EpochShuffle(batches.shape[0], seed),
+        # Only seeds worker processes; set so that starting an epoch leaves the global RNG alone.
         generator=torch.Generator().manual_seed(seed),
     )
+    root = Path(state_dir) if state_dir is not None else None
+    settings: dict = {}
+    saved = None
+    if root is not None:
+        settings = _settings(batches, named, accelerator.num_processes, steps=steps, batch_size=batch_size,
+                             grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                             schedule=schedule, max_grad_norm=max_grad_norm, seed=seed)
+        saved = _latest_state(root)
+    meta: dict = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "losses": [], "last_parts": {}}
+    if saved is not None:
+        meta = _load_meta(saved, settings)
+        _load_trainable(saved, named)  # before prepare, so data-parallel wrappers start from it
     model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    if saved is not None:
+        _load_optim(saved, optimizer, scheduler, accelerator)
+        _set_rng(torch.load(saved / f"rng-{accelerator.process_index}.pt", weights_only=True), accelerator.device)
+        log(f"distill: resuming from step {meta['step']} of {steps} ({saved})")
     frozen = FrozenTeacher(teacher.to(accelerator.device)) if teacher is not None else None
 
     model.train()
-    losses: list[float] = []
-    step_loss, micro, tokens = 0.0, 0, 0
-    parts: dict = {}
+    losses: list[float] = list(meta["losses"])
+    step_loss, micro, tokens = 0.0, 0, int(meta["tokens"])
+    epoch, skip = int(meta["epoch"]), int(meta["index"])
+    parts: dict = dict(meta["last_parts"])
     bar = tqdm(
         total=steps,
+        initial=len(losses),
         desc="distill",
         unit="step",
         mininterval=1.0,
         disable=None if accelerator.is_local_main_process else True,  # None: off when not a TTY
     )
     log_every = max(1, steps // 10)
-    start = time.perf_counter()
+    start, start_tokens = time.perf_counter(), tokens
     try:
-        for (input_ids,) in _cycle(loader):
-            with accelerator.accumulate(model):
-                loss, parts = loss_fn(model, frozen, input_ids)
-                if not torch.isfinite(loss):
-                    raise LlmshrinkError(
-                        f"distill: loss became {loss.item()} at step {len(losses) + 1}: lower lr (now {lr})"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item()
-            micro += 1
-            tokens += input_ids.numel() * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            losses.append(step_loss / micro)
-            step_loss, micro = 0.0, 0
-            rate = tokens / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
-            bar.update(1)
-            if bar.disable and (len(losses) % log_every == 0 or len(losses) == steps):
-                log(f"distill: step {len(losses)}/{steps} loss {losses[-1]:.4f} ({rate:.0f} tokens/s)")
-            if len(losses) == steps:
-                break
+        while len(losses) < steps:
+            loader.set_epoch(epoch)
+            for index, (input_ids,) in enumerate(loader, 1):
+                if index <= skip:
+                    continue  # replay the epoch's order up to the saved position
+                with accelerator.accumulate(model):
+                    loss, parts = loss_fn(model, frozen, input_ids)
+                    if not torch.isfinite(loss):
+                        raise LlmshrinkError(
+                            f"distill: loss became {loss.item()} at step {len(losses) + 1}: lower lr (now {lr})"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.item()
+                micro += 1
+                tokens += input_ids.numel() * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                # Mean over processes too: the history is the global batch's, the same on every
+                # process, so the main process's snapshot restores it everywhere.
+                mean = torch.tensor(step_loss / micro, device=accelerator.device)
+                losses.append(accelerator.reduce(mean, "mean").item() if accelerator.num_processes > 1 else mean.item())
+                step_loss, micro = 0.0, 0
+                rate = (tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+                if bar.disable and (len(losses) % log_every == 0 or len(losses) == steps):
+                    log(f"distill: step {len(losses)}/{steps} loss {losses[-1]:.4f} ({rate:.0f} tokens/s)")
+                if root is not None and save_every and (len(losses) % save_every == 0 or len(losses) == steps):
+                    meta = {"settings": settings, "step": len(losses), "epoch": epoch, "index": index,
+                            "tokens": tokens, "losses": losses,
+                            "last_parts": {k: float(v) for k, v in parts.items()}}
+                    _save_state(root, meta, named, optimizer, scheduler, accelerator)
+                if len(losses) == steps:
+                    break
+            else:
+                epoch, skip = epoch + 1, 0
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -163,7 +220,7 @@ def train(
         steps=len(losses),
         tokens=tokens,
         seconds=seconds,
-        tokens_per_s=tokens / max(seconds, 1e-9),
+        tokens_per_s=(tokens - start_tokens) / max(seconds, 1e-9),
         losses=losses,
         first_loss=losses[0],
         last_loss=losses[-1],
@@ -171,7 +228,136 @@ def train(
     )
 
 
-def _cycle(loader: DataLoader) -> Iterator:
-    # A seeded sampler reshuffles deterministically at every new epoch.
-    while True:
-        yield from loader
+class _EpochShuffle(Sampler[int]):
+    """A shuffled order that depends only on (seed, epoch), so (epoch, index) is a data position."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by accelerate's loader at each epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+# --- resume state ---------------------------------------------------------------------------------
+
+
+def _settings(batches: torch.Tensor, named: dict[str, nn.Parameter], processes: int, **hparams) -> dict:
+    """What a saved state must agree on with the call that resumes it (JSON-normalised)."""
+    digest = hashlib.blake2b(batches.detach().cpu().contiguous().numpy().data, digest_size=8).hexdigest()
+    return json.loads(json.dumps({
+        **hparams,
+        "processes": processes,
+        "data_shape": list(batches.shape),
+        "data_hash": digest,
+        "trainable": [f"{n} {list(p.shape)}" for n, p in named.items()],
+    }))
+
+
+def _latest_state(root: Path) -> Path | None:
+    # Complete snapshots only: a crash mid-save leaves a .tmp-* directory, which is ignored.
+    snaps = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file()) if root.is_dir() else []
+    return snaps[-1] if snaps else None
+
+
+def _load_meta(path: Path, settings: dict) -> dict:
+    meta = json.loads((path / "state.json").read_text())
+    diff = _first_difference(meta["settings"], settings)
+    if diff is not None:
+        key, old, new = diff
+        raise LlmshrinkError(
+            f"distill: {path} was saved with {key}={old}, this run has {key}={new}: "
+            "resume with the same settings, or use another state dir"
+        )
+    return meta
+
+
+def _first_difference(saved: dict, now: dict) -> tuple[str, object, object] | None:
+    for key, new in now.items():
+        old = saved.get(key)
+        if old == new:
+            continue
+        if key != "trainable":
+            return key, old, new
+        old = old or []  # name the first parameter that differs, not the whole list
+        i = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
+        return f"trainable[{i}]", old[i] if i < len(old) else "none", new[i] if i < len(new) else "none"
+    return None
+
+
+def _load_trainable(path: Path, named: dict[str, nn.Parameter]) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, param in named.items():
+            param.copy_(tensors[name])
+
+
+def _load_optim(path: Path, optimizer, scheduler, accelerator) -> None:
+    # The accelerate optimizer wrapper hands state dicts through to the torch optimizer, which
+    # moves the moments onto each parameter's device.
+    state = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+
+
+def _save_state(root: Path, meta: dict, named: dict[str, nn.Parameter], optimizer, scheduler, accelerator) -> None:
+    from safetensors.torch import save_file
+
+    final, tmp = root / f"step-{meta['step']:08d}", root / f".tmp-step-{meta['step']:08d}"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_get_rng(accelerator.device), tmp / f"rng-{accelerator.process_index}.pt")  # per process
+    if main:  # data-parallel replicas hold the same weights and optimizer state
+        save_file({n: p.detach().cpu().contiguous() for n, p in named.items()}, str(tmp / "trainable.safetensors"))
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler},
+                   tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps(meta))
+    accelerator.wait_for_everyone()
+    if main:
+        for f in tmp.iterdir():  # on disk before the rename publishes the snapshot
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in root.iterdir():
+            if old != final and old.name.startswith(("step-", ".tmp-step-")):
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _get_rng(device: torch.device) -> dict:
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+
+
+def _set_rng(state: dict, device: torch.device) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

@@ -1,21 +1,32 @@
 """Distill pass: train the (compressed) model to match a teacher's next-token distribution.
 
-Loss = alpha · KL(teacher || student) at temperature T (· T²) + (1 - alpha) · next-token CE, on
-packed blocks of the recipe's `data:` text. The teacher is the model as loaded (`teacher: base`)
-or any other model id sharing the tokenizer.
+Loss = alpha · KL(teacher || student) at temperature T (· T²) + (1 - alpha) · next-token CE
+     + hidden_weight · hidden-state MSE/cosine (mean over the layer map's pairs)
+     + attention_weight · attention-map KL (mean over the map's block pairs),
+on packed blocks of the recipe's `data:` text. The teacher is the model as loaded (`teacher: base`)
+or any other model id sharing the tokenizer. When widths differ, learned linear projections map
+the student's hidden states to the teacher's; they train with the student and are then dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, NonNegativeInt
 from torch import nn
 
 from llmshrink.context import Context
 from llmshrink.distill.data import pack
-from llmshrink.distill.losses import distill_loss
+from llmshrink.distill.losses import (
+    attention_kl_loss,
+    distill_loss,
+    hidden_cosine_loss,
+    hidden_mse_loss,
+    layer_map,
+)
 from llmshrink.distill.trainer import LossFn, train
 from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.base import PassConfig, PassRecord
@@ -37,6 +48,17 @@ class DistillConfig(PassConfig):
         "all", description="all trainable parameters, or only those of llmshrink's compressed layers"
     )
     teacher: str = Field("base", description="'base' = the model as loaded, or a model id to load")
+    save_every: int = Field(
+        0, ge=0, description="save the training state every N steps; rerunning the command resumes (0 = off)"
+    )
+    hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state term, added to the alpha mix")
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+    attention_weight: float = Field(0.0, ge=0.0, description="weight of the attention-map KL term (TinyBERT)")
+    layer_map: list[tuple[NonNegativeInt, NonNegativeInt]] | None = Field(
+        None,
+        description="student -> teacher hidden-state index pairs (0 = embeddings, i = after block i); "
+        "default: spread evenly, last to last",
+    )
 
 
 def logit_kd_loss(alpha: float, temperature: float) -> LossFn:
@@ -52,38 +74,124 @@ def logit_kd_loss(alpha: float, temperature: float) -> LossFn:
     return loss_fn
 
 
+class ProjectedStudent(nn.Module):
+    """The student and the projections of its mapped hidden states to the teacher's widths.
+
+    One module, so the trainer (and accelerate's wrapping) optimises both. forward returns
+    (student output, projected hidden states, one per pair of the layer map).
+    """
+
+    def __init__(self, student: nn.Module, projections: nn.ModuleList, student_indices: Sequence[int]):
+        super().__init__()
+        self.student = student
+        self.projections = projections
+        self.student_indices = list(student_indices)
+
+    def forward(self, **kwargs):
+        out = self.student(**kwargs)
+        hidden = [proj(out.hidden_states[i]) for proj, i in zip(self.projections, self.student_indices, strict=True)]
+        return out, hidden
+
+
+def feature_kd_loss(
+    alpha: float,
+    temperature: float,
+    pairs: Sequence[tuple[int, int]],
+    hidden_weight: float = 0.0,
+    hidden_loss: str = "mse",
+    attention_weight: float = 0.0,
+) -> LossFn:
+    """loss_fn: distill_loss + hidden_weight · hidden term + attention_weight · attention term.
+
+    `pairs` are student -> teacher hidden-state indices; attention uses the block pairs among them
+    (hidden state i is block i - 1's output). The student may be a ProjectedStudent. With both
+    weights 0 this is exactly logit_kd_loss.
+    """
+    if hidden_weight == 0 and attention_weight == 0:
+        return logit_kd_loss(alpha, temperature)
+    hidden_fn = {"mse": hidden_mse_loss, "cosine": hidden_cosine_loss}[hidden_loss]
+    block_pairs = [(s - 1, t - 1) for s, t in pairs if s > 0 and t > 0]
+
+    def loss_fn(student: nn.Module, teacher: nn.Module | None, input_ids: torch.Tensor):
+        if teacher is None:
+            raise LlmshrinkError("distill: hidden_weight or attention_weight > 0 needs a teacher")
+        kwargs = dict(input_ids=input_ids, use_cache=False, output_hidden_states=hidden_weight > 0,
+                      output_attentions=attention_weight > 0)
+        s_out = student(**kwargs)
+        s_out, s_hidden = s_out if isinstance(s_out, tuple) else (s_out, None)
+        t_out = teacher(**kwargs)
+        loss, parts = distill_loss(s_out.logits, t_out.logits if alpha > 0 else None, input_ids, alpha, temperature)
+        if hidden_weight > 0:
+            if s_hidden is None:
+                s_hidden = [s_out.hidden_states[s] for s, _ in pairs]
+            terms = [hidden_fn(h, t_out.hidden_states[t]) for h, (_, t) in zip(s_hidden, pairs, strict=True)]
+            hidden = torch.stack(terms).mean()
+            parts["hidden"] = hidden.detach()
+            loss = loss + hidden_weight * hidden
+        if attention_weight > 0:
+            if not s_out.attentions or not t_out.attentions:
+                raise LlmshrinkError(
+                    "distill: attention_weight > 0 but a model returned no attention maps: it needs "
+                    "attn_implementation='eager'"
+                )
+            terms = [attention_kl_loss(s_out.attentions[s], t_out.attentions[t]) for s, t in block_pairs]
+            attention = torch.stack(terms).mean()
+            parts["attention"] = attention.detach()
+            loss = loss + attention_weight * attention
+        parts["loss"] = loss.detach()
+        return loss, parts
+
+    return loss_fn
+
+
 def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
     if not (hasattr(model, "can_generate") and model.can_generate()):
         raise LlmshrinkError(
             f"distill: {type(model).__name__} is not a causal language model; distill trains next-token models"
         )
-    teacher = _teacher(cfg, ctx) if cfg.alpha > 0 else None
+    features = cfg.hidden_weight > 0 or cfg.attention_weight > 0
+    teacher = _teacher(cfg, ctx) if cfg.alpha > 0 or features else None
+    if cfg.save_every and ctx.work_dir is None:
+        raise LlmshrinkError("distill.save_every: needs a work directory; run it through `llmshrink apply`")
     blocks = pack(ctx.train_token_ids(), cfg.seq_len)
     trainable = _select_trainable(model, cfg.train)
+    pairs: list[tuple[int, int]] = []
+    student: nn.Module = model
+    if features:
+        assert teacher is not None
+        pairs, student = _feature_setup(model, teacher, cfg, blocks[:1, :2], ctx.seed)
     saved = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in model.parameters():
             p.requires_grad_(p in trainable)
+        projection_params = sum(p.numel() for p in student.parameters()) - sum(p.numel() for p in model.parameters())
         ctx.log(
             f"distill: {cfg.steps} steps on {blocks.shape[0]} blocks of {cfg.seq_len} tokens, "
             f"{sum(p.numel() for p in trainable):,} trainable params, teacher {cfg.teacher if teacher else 'none'}"
+            + (f", {projection_params:,} projection params" if projection_params else "")
         )
-        result = train(
-            model,
-            blocks,
-            logit_kd_loss(cfg.alpha, cfg.temperature),
-            steps=cfg.steps,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup_steps=cfg.warmup_steps,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            max_grad_norm=cfg.max_grad_norm,
-            seed=ctx.seed,
-            device=ctx.device,
-            log=ctx.log,
-            teacher=teacher,
+        loss_fn = feature_kd_loss(
+            cfg.alpha, cfg.temperature, pairs, cfg.hidden_weight, cfg.hidden_loss, cfg.attention_weight
         )
+        with _eager_attention([model, teacher] if cfg.attention_weight > 0 else []):
+            result = train(
+                student,
+                blocks,
+                loss_fn,
+                steps=cfg.steps,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                warmup_steps=cfg.warmup_steps,
+                batch_size=cfg.batch_size,
+                grad_accum=cfg.grad_accum,
+                max_grad_norm=cfg.max_grad_norm,
+                seed=ctx.seed,
+                device=ctx.device,
+                log=ctx.log,
+                teacher=teacher,
+                state_dir=ctx.work_dir if cfg.save_every else None,
+                save_every=cfg.save_every,
+            )
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
@@ -92,7 +200,7 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
         f"distill: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, "
         f"{result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_s:.0f} tokens/s)"
     )
-    return {
+    record: PassRecord = {
         "steps": result.steps,
         "tokens": result.tokens,
         "seconds": round(result.seconds, 3),
@@ -110,7 +218,73 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
         "train": cfg.train,
         "teacher": cfg.teacher if teacher is not None else None,
         "trained_params": sum(p.numel() for p in trainable),
+        "hidden_weight": cfg.hidden_weight,
+        "attention_weight": cfg.attention_weight,
     }
+    if features:
+        record |= {"hidden_loss": cfg.hidden_loss, "layer_map": [list(p) for p in pairs],
+                   "projection_params": projection_params}
+    return record
+
+
+def _feature_setup(
+    model: nn.Module, teacher: nn.Module, cfg: DistillConfig, probe: torch.Tensor, seed: int
+) -> tuple[list[tuple[int, int]], nn.Module]:
+    """The layer map (checked against both models) and the student to train: the model itself, or
+    a ProjectedStudent when hidden widths differ. Depths and widths come from one tiny forward."""
+    s_widths, t_widths = _hidden_widths(model, probe), _hidden_widths(teacher, probe)
+    pairs = list(cfg.layer_map) if cfg.layer_map is not None else layer_map(len(s_widths) - 1, len(t_widths) - 1)
+    for s, t in pairs:
+        if s >= len(s_widths) or t >= len(t_widths):
+            raise LlmshrinkError(
+                f"distill.layer_map: pair ({s}, {t}) out of range: the student has hidden states "
+                f"0..{len(s_widths) - 1}, the teacher 0..{len(t_widths) - 1}"
+            )
+    if not pairs:
+        raise LlmshrinkError("distill.layer_map: empty; give at least one (student, teacher) pair")
+    if cfg.attention_weight > 0 and not any(s > 0 and t > 0 for s, t in pairs):
+        raise LlmshrinkError("distill.layer_map: no block pairs (both indices > 0) for attention_weight")
+    if cfg.hidden_weight == 0 or all(s_widths[s] == t_widths[t] for s, t in pairs):
+        return pairs, model
+    ref = next(p for p in model.parameters() if p.is_floating_point())
+    with torch.random.fork_rng(devices=[]):  # seeded init without moving the global RNG
+        torch.manual_seed(seed)
+        projections = nn.ModuleList(
+            nn.Linear(s_widths[s], t_widths[t], bias=False) if s_widths[s] != t_widths[t] else nn.Identity()
+            for s, t in pairs
+        ).to(device=ref.device, dtype=ref.dtype)
+    return pairs, ProjectedStudent(model, projections, [s for s, _ in pairs])
+
+
+def _hidden_widths(model: nn.Module, probe: torch.Tensor) -> list[int]:
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=probe.to(device), use_cache=False, output_hidden_states=True)
+    return [h.shape[-1] for h in out.hidden_states]
+
+
+@contextmanager
+def _eager_attention(models: Sequence[nn.Module | None]) -> Iterator[None]:
+    """Switch the models to eager attention (the only kind that returns attention maps), then back."""
+    previous = []
+    try:
+        for m in models:
+            impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
+            if m is None or impl == "eager":
+                continue
+            cannot = LlmshrinkError(
+                f"distill: attention_weight > 0 needs eager attention, and {type(m).__name__} cannot switch to it"
+            )
+            if impl is None or not hasattr(m, "set_attn_implementation"):
+                raise cannot
+            previous.append((m, impl))
+            m.set_attn_implementation("eager")
+            if m.config._attn_implementation != "eager":
+                raise cannot
+        yield
+    finally:
+        for m, impl in reversed(previous):
+            m.set_attn_implementation(impl)
 
 
 def _teacher(cfg: DistillConfig, ctx: Context) -> nn.Module:
@@ -119,8 +293,9 @@ def _teacher(cfg: DistillConfig, ctx: Context) -> nn.Module:
 
         return load_base_model(cfg.teacher, device=ctx.device, log=ctx.log).model
     if ctx.teacher is None:
+        why = "alpha > 0" if cfg.alpha > 0 else "hidden_weight or attention_weight > 0"
         raise LlmshrinkError(
-            "distill: alpha > 0 needs a teacher, and none is loaded: set teacher to a model id, or alpha: 0"
+            f"distill: {why} needs a teacher, and none is loaded: set teacher to a model id, or {why.split()[0]}: 0"
         )
     return ctx.teacher
 
