@@ -153,6 +153,11 @@ def _check_destination(model: nn.Module, out_dir: Path, overwrite: bool) -> None
     source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     if source and Path(source).is_dir() and Path(source).resolve() == out_dir.resolve():
         raise LlmshrinkError(f"output.dir: {out_dir} is the input model; choose another dir")
+    check_output_dir(out_dir, overwrite)
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless overwrite is set (also called before any work is done)."""
     if out_dir.exists() and not overwrite:
         raise LlmshrinkError(
             f"output.dir: {out_dir} already exists; set output.overwrite: true or choose another dir"

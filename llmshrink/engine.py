@@ -19,6 +19,7 @@ from llmshrink.registry import get_pass
 def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -> dict:
     """Apply `loaded` end to end; returns the manifest written to <output>/llmshrink.json."""
     from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+    from llmshrink.eval.efficiency import dir_size
     from llmshrink.eval.report import format_table, write_report_md
     from llmshrink.hub import model_card
     from llmshrink.models import load_base_model
@@ -98,7 +99,7 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     manifest["checks"] = {"reload_max_abs_logit_diff": _max_logit_diff(model, reloaded, evaluator.probe_ids())}
     if manifest["checks"]["reload_max_abs_logit_diff"] != 0.0:
         raise LlmshrinkError(f"{out_dir}: reloaded model differs from the compressed one: {manifest['checks']}")
-    compressed["size_bytes"] = _weights_bytes(out_dir)
+    compressed["size_bytes"] = dir_size(out_dir, weights_only=True)
 
     card = model_card(manifest, loaded.text)
     atomic_write_text(out_dir / "README.md", card)
@@ -166,10 +167,9 @@ class Evaluator:
 
 def _check_output_dir(recipe: Recipe, out_dir: Path, recipe_path: Path) -> None:
     # Fail before the work, not after it; and never replace a directory holding an input.
-    if out_dir.exists() and not recipe.output.overwrite:
-        raise LlmshrinkError(
-            f"output.dir: {out_dir} already exists; set output.overwrite: true or choose another dir"
-        )
+    from llmshrink.checkpoint import check_output_dir
+
+    check_output_dir(out_dir, recipe.output.overwrite)
     out = out_dir.resolve()
     inputs = [recipe_path.resolve(), Path(recipe.model.id).expanduser().resolve()]
     for path in inputs:
@@ -193,10 +193,6 @@ def _resolve_device(name: str) -> torch.device:
 @torch.no_grad()
 def _max_logit_diff(a, b, ids: torch.Tensor) -> float:
     return float((a(ids).logits - b(ids).logits).abs().max())
-
-
-def _weights_bytes(out_dir: Path) -> int:
-    return sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
 
 
 def _rewrite_manifest(out_dir: Path, manifest: dict) -> None:
