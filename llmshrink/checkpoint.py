@@ -1,10 +1,12 @@
 """Save and load compressed checkpoints that reload exactly, with llmshrink and without it.
 
-    out/<name>/  config.json (+ llmshrink_layout, auto_map)  model.safetensors  tokenizer files
-                 recipe.yaml  llmshrink.json  README.md  modeling_llmshrink.py  <layer files>.py
+    out/<name>/  config.json (+ llmshrink_layout, llmshrink_module_attrs, auto_map)  model.safetensors
+                 tokenizer files  recipe.yaml  llmshrink.json  README.md  modeling_llmshrink.py  <layer files>.py
 
 The layout ({module name: {"type", "args"}}) lives in config.json, so that the remote code (which sees
-only the config) and `load_checkpoint` rebuild the same modules before the weights load.
+only the config) and `load_checkpoint` rebuild the same modules before the weights load. Plain module
+attributes a pass changed (a pruned attention's head count: {module name: {attribute: value}}, see
+`set_module_attrs`) are recorded beside it and set again on load.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from llmshrink.modules import COMPRESSED_MODULES
 from llmshrink.remote_template import REMOTE_FILE, write_remote_code
 
 LAYOUT_KEY = "llmshrink_layout"
+ATTRS_KEY = "llmshrink_module_attrs"
+# Name of the dict, on a module, of the plain attributes a pass changed (see set_module_attrs).
+MODULE_ATTRS = "llmshrink_attrs"
 BASE_KEY = "llmshrink_base_architecture"
 MANIFEST_FILE = "llmshrink.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,7 +60,11 @@ def compressed_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> None:
-    """Replace each named submodule by an (uninitialised) compressed layer of the recorded shape."""
+    """Replace each named submodule by an (uninitialised) compressed layer of the recorded shape.
+
+    A layer that runs another module (a shared block) has `bind(model)`, called once all are in place.
+    """
+    built: dict[str, nn.Module] = {}
     for name, spec in layout.items():
         where = f"{LAYOUT_KEY}.{name}"
         cls = COMPRESSED_MODULES.get(spec.get("type", ""))
@@ -76,6 +85,38 @@ def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> None:
         if like is not None:
             layer = layer.to(device=like.device, dtype=like.dtype)
         setattr(parent, child, layer)
+        built[name] = layer
+    for name, layer in built.items():
+        if hasattr(layer, "bind"):
+            try:
+                layer.bind(model)
+            except ValueError as err:
+                raise LlmshrinkError(f"{LAYOUT_KEY}.{name}: cannot bind {type(layer).__name__}: {err}") from None
+
+
+def set_module_attrs(module: nn.Module, **values: Any) -> None:
+    """Set plain attributes (JSON values) that the model config no longer implies, and remember them.
+
+    E.g. a GPT-2 attention keeping 3 of 12 heads reads `split_size` at forward time; checkpoints record
+    these (`module_attrs`) and set them again after rebuilding the model.
+    """
+    for key, value in values.items():
+        setattr(module, key, value)
+    setattr(module, MODULE_ATTRS, {**module.__dict__.get(MODULE_ATTRS, {}), **values})
+
+
+def module_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{dotted name: {attribute: value}} for every module with attributes set by set_module_attrs."""
+    return {name: dict(m.__dict__[MODULE_ATTRS]) for name, m in model.named_modules() if m.__dict__.get(MODULE_ATTRS)}
+
+
+def apply_module_attrs(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None:
+    for name, values in attrs.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise LlmshrinkError(f"{ATTRS_KEY}.{name}: {type(model).__name__} has no such module") from None
+        set_module_attrs(module, **values)
 
 
 def save_checkpoint(
@@ -96,6 +137,7 @@ def save_checkpoint(
     _check_destination(model, out_dir, overwrite)
     base = _base_architecture(model)
     layout = compressed_layout(model)
+    attrs = module_attrs(model)
     manifest_text = _manifest_text(model, base, manifest)  # fails early if not JSON-serialisable
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
@@ -104,7 +146,7 @@ def save_checkpoint(
         _save_weights_and_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _patch_config(tmp, model, base, layout)
+        _patch_config(tmp, model, base, layout, attrs)
         _check_saved_keys(model, tmp)
         (tmp / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
         (tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
@@ -127,17 +169,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.
             raise LlmshrinkError(f"{path}: not an llmshrink checkpoint (no {name})")
     raw = _read_json(path / "config.json")
     layout = raw.get(LAYOUT_KEY) or {}
+    attrs = raw.get(ATTRS_KEY) or {}
     base = raw.get(BASE_KEY) or (raw.get("architectures") or [None])[0]
     base_cls = getattr(transformers, str(base), None)
     if not (isinstance(base_cls, type) and issubclass(base_cls, transformers.PreTrainedModel)):
         raise LlmshrinkError(f"{path / 'config.json'}: {BASE_KEY}: {base!r} is not a transformers model class")
     config = transformers.AutoConfig.from_pretrained(path)
-    for key in ("auto_map", LAYOUT_KEY, BASE_KEY):  # a plain base config: no routing to remote code
+    for key in ("auto_map", LAYOUT_KEY, ATTRS_KEY, BASE_KEY):  # a plain base config: no routing to remote code
         if hasattr(config, key):
             delattr(config, key)
     config.architectures = [base_cls.__name__]
     model = _build(base_cls, config)
     apply_layout(model, layout)
+    apply_module_attrs(model, attrs)
     _load_weights(model, path)
     return model.to(device).eval()
 
@@ -207,15 +251,18 @@ def _save_weights_and_config(model: nn.Module, tmp: Path) -> None:
             setattr(config, key, value)
 
 
-def _patch_config(tmp: Path, model: nn.Module, base: str, layout: dict[str, Any]) -> None:
+def _patch_config(tmp: Path, model: nn.Module, base: str, layout: dict[str, Any], attrs: dict[str, Any]) -> None:
     """Record the layout; point AutoModel* at the remote code when there are layers to rebuild."""
     config_path = tmp / "config.json"
     config = _read_json(config_path)
     config[BASE_KEY] = base
     config[LAYOUT_KEY] = layout
+    config.pop(ATTRS_KEY, None)
+    if attrs:
+        config[ATTRS_KEY] = attrs
     config.pop("auto_map", None)
     config["architectures"] = [base]
-    if layout:
+    if layout or attrs:
         cls = write_remote_code(tmp, base, layout)
         config["architectures"] = [cls]
         config["auto_map"] = {_auto_class(model, base): f"{REMOTE_FILE[:-3]}.{cls}"}

@@ -45,7 +45,8 @@ def _validate(args) -> int:
 
     loaded = load_recipe(args.recipe, args.overrides)
     names = ", ".join(stage.name for stage in loaded.stages) or "none"
-    print(f"{args.recipe}: ok ({len(loaded.stages)} stages: {names})")
+    count = len(loaded.stages)
+    print(f"{args.recipe}: ok ({count} stage{'' if count == 1 else 's'}: {names})")
     return 0
 
 

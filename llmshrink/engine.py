@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,8 +18,14 @@ from llmshrink.registry import get_pass
 
 
 def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -> dict:
-    """Apply `loaded` end to end; returns the manifest written to <output>/llmshrink.json."""
+    """Apply `loaded` end to end; returns the manifest written to <output>/llmshrink.json.
+
+    Under `accelerate launch` every process runs the stages (training is data-parallel, the other
+    passes are deterministic, so all processes hold the same model); only the main process then
+    evaluates and saves, and the others return an empty manifest.
+    """
     from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+    from llmshrink.distill.curves import save_training_curves
     from llmshrink.eval.efficiency import dir_size
     from llmshrink.eval.report import format_table, write_report_md
     from llmshrink.hub import model_card
@@ -44,6 +51,8 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     load_seconds = time.perf_counter() - start
     teacher.requires_grad_(False).eval()
     ctx = Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log)
+    if recipe.evaluate.after_each_stage and evaluator.has_perplexity:
+        ctx.evaluate = evaluator.perplexity  # passes with inner steps (iterate) report after each
 
     stage_rows, records = [], []
     work_root = work_dir_for(out_dir)  # resumable state; removed once the checkpoint is saved
@@ -62,6 +71,10 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
             {"pass": stage.name, "config": stage.config.model_dump(mode="json"), "record": record,
              "seconds": round(seconds, 3)}
         )
+
+    if not _is_main_process():
+        log(f"process {os.environ.get('RANK')}: stages done; the main process evaluates and saves")
+        return {}
 
     log(f"[{next(step)}/{steps}] evaluate base model")
     base = evaluator.measure(teacher, log)
@@ -104,8 +117,9 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     card = model_card(manifest, loaded.text)
     atomic_write_text(out_dir / "README.md", card)
     _rewrite_manifest(out_dir, manifest)
+    curves = "training_curves.png" if save_training_curves(records, out_dir / "training_curves.png") else None
     write_report_md(out_dir / "report.md", recipe.name, base, compressed, stage_rows, evaluator.protocol,
-                    base_loaded.notes)
+                    base_loaded.notes, curves_png=curves)
     log("")
     log(format_table(base, compressed))
     log(f"\nsaved {out_dir} (report: {out_dir / 'report.md'})")
@@ -182,11 +196,17 @@ def work_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.work"
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise LlmshrinkError("device: 'cuda' requested but no CUDA device is available; use auto or cpu")
+    if name == "cuda":  # one GPU per process under accelerate launch
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 

@@ -99,13 +99,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(file, *_describe(err, Recipe, prefix="")) from None
-    stages = [_parse_stage(i, item, file) for i, item in enumerate(recipe.stages)]
+    stages = [parse_stage(item, file, f"stages[{i}]") for i, item in enumerate(recipe.stages)]
     text = yaml.safe_dump(raw, sort_keys=False) if overrides else path.read_text()
     return LoadedRecipe(recipe, stages, path, text)
 
 
-def _parse_stage(index: int, item: Any, file: str) -> Stage:
-    field = f"stages[{index}]"
+def parse_stage(item: Any, file: str, field: str) -> Stage:
+    """One `{pass name: config}` item, validated by the pass's config model; `field` names it in errors.
+
+    The config is validated with context {"file", "field"}, so a pass holding stages of its own
+    (iterate) reports a nested mistake under its full path.
+    """
     if not isinstance(item, dict) or len(item) != 1:
         raise RecipeError(file, field, f"expected a one-key mapping {{pass name: config}}, got {item!r}")
     (name, body), = item.items()
@@ -117,7 +121,8 @@ def _parse_stage(index: int, item: Any, file: str) -> Stage:
     if not isinstance(body, dict):
         raise RecipeError(file, f"{field}.{name}", f"expected a mapping of settings, got {body!r}")
     try:
-        return Stage(name, spec.config_cls.model_validate(body))
+        config = spec.config_cls.model_validate(body, context={"file": file, "field": f"{field}.{name}"})
+        return Stage(name, config)
     except ValidationError as err:
         raise RecipeError(file, *_describe(err, spec.config_cls, prefix=f"{field}.{name}")) from None
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from llmshrink.passes.base import PassConfig
+if TYPE_CHECKING:  # importing llmshrink.passes imports every pass, and each imports this module
+    from llmshrink.passes.base import PassConfig
 
 
 @dataclass(frozen=True)

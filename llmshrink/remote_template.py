@@ -1,7 +1,8 @@
 """Remote code for a checkpoint: lets plain transformers rebuild the compressed layers.
 
 `write_remote_code` writes `modeling_llmshrink.py` (a subclass of the base architecture that swaps in
-the compressed layers named by `config.llmshrink_layout`) and copies each layer's source file from
+the compressed layers named by `config.llmshrink_layout`, and sets the module attributes in
+`config.llmshrink_module_attrs`) and copies each layer's source file from
 llmshrink/modules beside it. transformers' dynamic-module loader copies files imported relatively
 (`from .kronecker import ...`) from the same folder, and `check_imports` demands that every absolute
 import be installed, so the generated code imports only transformers and those sibling files.
@@ -35,6 +36,7 @@ LAYER_TYPES = {{{types}}}
 
 def apply_layout(model, layout):
     """Replace each named submodule by an empty compressed layer on the same device and dtype."""
+    built = []
     for name, spec in layout.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -43,12 +45,26 @@ def apply_layout(model, layout):
         if like is not None:
             layer = layer.to(device=like.device, dtype=like.dtype)
         setattr(parent, child, layer)
+        built.append(layer)
+    for layer in built:  # a layer that runs another module (a shared block) finds it once all are in place
+        if hasattr(layer, "bind"):
+            layer.bind(model)
+
+
+def apply_module_attrs(model, attrs):
+    """Set the plain attributes a pass changed (e.g. the head count of a pruned attention)."""
+    for name, values in attrs.items():
+        module = model.get_submodule(name)
+        for key, value in values.items():
+            setattr(module, key, value)
+        module.llmshrink_attrs = dict(values)
 
 
 class {cls}({base}):
     def __init__(self, config):
         super().__init__(config)
         apply_layout(self, getattr(config, "llmshrink_layout", None) or {{}})
+        apply_module_attrs(self, getattr(config, "llmshrink_module_attrs", None) or {{}})
 '''
 
 

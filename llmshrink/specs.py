@@ -24,7 +24,10 @@ class ModelSpec(Spec):
 
 
 class DataSpec(Spec):
-    """A text source, cut down deterministically to `fraction` and then to `max_tokens`."""
+    """A text source: `heldout` documents set aside, the rest cut to `fraction` and then to `max_tokens`.
+
+    All choices are deterministic in `seed`; what a document is: llmshrink.distill.data.
+    """
 
     source: str = Field(
         "builtin:shakespeare",
@@ -36,3 +39,10 @@ class DataSpec(Spec):
     fraction: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     seed: int = 0
+    heldout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="fraction of documents held out of training, for evaluation during training",
+    )
+    streaming: bool = Field(
+        False, description="read documents one by one and stop at max_tokens (needs max_tokens)",
+    )

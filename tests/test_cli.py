@@ -42,14 +42,18 @@ def test_apply_writes_a_checkpoint_that_reloads_exactly(recipe, tmp_path, capsys
     printed = capsys.readouterr().out
     out = tmp_path / "out"
     for name in ["config.json", "model.safetensors", "recipe.yaml", "llmshrink.json", "README.md", "report.md",
-                 "modeling_llmshrink.py", "kronecker.py"]:
+                 "modeling_llmshrink.py", "kronecker.py", "training_curves.png"]:
         assert (out / name).is_file(), name
+    assert "![training loss and eval perplexity by tokens](training_curves.png)" in (out / "report.md").read_text()
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out / "llmshrink.json").read_text())
     assert [p["pass"] for p in manifest["passes"]] == ["kronecker", "distill"]
     layers = manifest["passes"][0]["record"]["layers"]
     assert [layer["name"] for layer in layers] == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
     assert layers[0]["a_shape"] == [16, 8] and layers[0]["b_shape"] == [16, 8]
     assert manifest["checks"]["reload_max_abs_logit_diff"] == 0.0
+    curve = manifest["passes"][1]["record"]["curve"]
+    assert curve["tokens"] == [64, 128, 192, 256] and len(curve["loss"]) == 4  # 4 steps of 2 x 32 tokens
     base, small = manifest["metrics"]["base"], manifest["metrics"]["compressed"]
     assert small["params"] == base["params"] - 2 * (256 * 64 - (16 * 8 + 16 * 8))
     assert small["size_bytes"] < base["size_bytes"]
@@ -145,3 +149,20 @@ def test_interrupted_apply_resumes_to_the_same_weights(tmp_path, tiny_model_dir,
         assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
     manifest = json.loads((tmp_path / "resumed" / "llmshrink.json").read_text())
     assert manifest["passes"][1]["record"]["steps"] == 6
+
+
+def test_torchrun_two_processes_train_data_parallel_and_save_once(tmp_path, tiny_model_dir, tiny_text):
+    """The README's multi-process command: every process runs the stages, the main one saves."""
+    out = tmp_path / "out"
+    path = tmp_path / "tiny.yaml"
+    path.write_text(recipe_text(tiny_model_dir, tiny_text, out))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llmshrink", "apply",
+           str(path), "--set", "device=cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 1: stages done; the main process evaluates and saves" in done.stdout
+    manifest = json.loads((out / "llmshrink.json").read_text())
+    record = manifest["passes"][1]["record"]
+    assert record["tokens"] == 2 * 4 * 2 * 32  # 2 processes x 4 steps x batch 2 x 32 tokens
+    assert manifest["checks"]["reload_max_abs_logit_diff"] == 0.0

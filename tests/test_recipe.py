@@ -50,7 +50,7 @@ def test_valid_recipe_parses_stages(tmp_path):
          "recipe.yaml: stages[0].kronecker.rank: input should be greater than or equal to 1, got 0"),
         (BASE.replace("rank: 1", "rnak: 1"), "recipe.yaml: stages[0].kronecker.rnak: unknown key; allowed: "),
         (BASE.replace("- distill:", "- distil:"),
-         "recipe.yaml: stages[1]: unknown pass 'distil'; did you mean 'distill'? known passes: "),
+         "recipe.yaml: stages[1]: unknown pass 'distil'; did you mean 'distill' or 'local_distill'? known passes: "),
         (BASE.replace("model: {id: some/dir}", "model: {id: some/dir, dtyp: float32}"),
          "recipe.yaml: model.dtyp: unknown key; allowed: id, revision, dtype, trust_remote_code"),
         (BASE.replace("name: t\n", "name: t\nsurprise: 1\n"), "recipe.yaml: surprise: unknown key; allowed: name, "),

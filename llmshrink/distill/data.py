@@ -1,82 +1,105 @@
-"""Training text: load documents from a DataSpec, cut them down deterministically, tokenize, pack.
+"""Training text: load documents from a DataSpec, hold some out, cut the rest down, tokenize, pack.
 
-A "document" is one row of a dataset or JSON file, or one blank-line-separated paragraph of a plain
-text (built-in corpora and .txt files; one line, when the text has no blank lines), so that
-`fraction` can pick a seeded subset of them.
+What a "document" is (empty ones are always dropped):
+- in memory (default): one row of a dataset or .jsonl/.json/.parquet file, or one blank-line-separated
+  paragraph of a plain text (built-in corpora and .txt files; one line, when the text has no blank lines).
+- streaming: the same, except that a .txt document is one line (finding paragraphs, or learning that there
+  are none, could mean reading the whole file first).
+
+Which documents each part gets, deterministic in `seed`:
+- in memory: one seeded shuffle of all n documents; its first max(1, round(n*heldout)) are held out
+  (none when heldout == 0; kept in source order), and of the rest the next max(1, floor(n_train*fraction)) train when
+  fraction < 1, or all of them in source order when fraction == 1.
+- streaming: document number i (counting non-empty ones) draws u = hash(seed, i) in [0, 1); it is held
+  out if u < heldout, and trains if (u - heldout)/(1 - heldout) < fraction. One pass decides each document
+  alone, so reading stops as soon as max_tokens are in hand and the corpus is never held in memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from llmshrink.errors import LlmshrinkError
 from llmshrink.specs import DataSpec
 
-_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+Part = Literal["train", "heldout"]
+
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 _TOKENIZE_CHUNK = 256  # documents per tokenizer call; lets max_tokens stop early on big corpora
 
 
 def load_texts(spec: DataSpec) -> list[str]:
-    """The non-empty documents of `spec.source`, in source order."""
+    """The non-empty documents of `spec.source`, in source order, all in memory."""
     source = spec.source
     if source.startswith("builtin:"):
-        from llmshrink.corpus import builtin_text
-
-        docs = _paragraphs(builtin_text(source.removeprefix("builtin:"), spec.split))
+        docs = _builtin_paragraphs(spec)
+    elif (path := _local_path(spec)) is None:
+        docs = _column(_load_hub(spec), spec, source)
+    elif path.suffix.lower() == ".txt":
+        docs = _paragraphs(path.read_text(encoding="utf-8", errors="replace"))
     else:
-        path = Path(source).expanduser()
-        suffix = path.suffix.lower()
-        if suffix == ".txt" or suffix in _LOCAL_BUILDERS:
-            if not path.is_file():
-                raise LlmshrinkError(f"data.source: file not found: {source}")
-            if suffix == ".txt":
-                docs = _paragraphs(path.read_text(encoding="utf-8", errors="replace"))
-            else:
-                docs = _column(_load_local(path, _LOCAL_BUILDERS[suffix]), spec, source)
-        elif path.exists():
-            raise LlmshrinkError(
-                f"data.source: {source}: unsupported file type {suffix or '(none)'!r}; "
-                "use .txt, .jsonl, .json or .parquet"
-            )
-        else:
-            docs = _column(_load_hub(spec), spec, source)
+        docs = _column(_load_local(path, _LOCAL_BUILDERS[path.suffix.lower()]), spec, source)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise LlmshrinkError(f"data.source: {source}: no text found")
     return docs
 
 
-def token_ids(spec: DataSpec, tokenizer) -> torch.Tensor:
-    """1-D token ids: `fraction` of the documents (seeded), tokenized, eos-joined, cut to max_tokens.
+def stream_texts(spec: DataSpec) -> Iterator[str]:
+    """The non-empty documents of `spec.source`, in source order, read lazily one by one."""
+    source = spec.source
+    if source.startswith("builtin:"):
+        docs: Iterable[str] = _builtin_paragraphs(spec)  # small and shipped in the package
+    elif (path := _local_path(spec)) is None:
+        docs = _rows(_load_hub(spec, streaming=True), spec.text_field, source, lambda err: _hub_error(spec))
+    else:
+        suffix = path.suffix.lower()
+        # The text builder yields one row per line; "replace" reads bad bytes as load_texts does.
+        extra = {"encoding_errors": "replace"} if suffix == ".txt" else {}
+        dataset = _load_local(path, _LOCAL_BUILDERS[suffix], streaming=True, **extra)
+        field = "text" if suffix == ".txt" else spec.text_field
+        docs = _rows(dataset, field, source, lambda err: _read_error(path, err))
+    empty = True
+    for doc in docs:
+        if doc.strip():
+            empty = False
+            yield doc
+    if empty:
+        raise LlmshrinkError(f"data.source: {source}: no text found")
 
-    With fraction < 1 the documents are shuffled by `spec.seed` and the first max(1, floor(n*fraction)) kept;
-    with fraction == 1 they stay in source order. No special tokens are added per document; the
-    tokenizer's eos id (if any) separates documents.
+
+def token_ids(spec: DataSpec, tokenizer, part: Part = "train") -> torch.Tensor:
+    """1-D token ids of one part of the documents, tokenized, eos-joined and cut to max_tokens.
+
+    `part` is "train" (what `fraction` keeps of the documents not held out) or "heldout" (the documents
+    `spec.heldout` sets aside). Which documents: see the module docstring. No special tokens are added per
+    document; the tokenizer's eos id (if any) separates documents.
     """
-    docs = load_texts(spec)
-    if spec.fraction < 1.0:
-        keep = max(1, int(len(docs) * spec.fraction))
-        order = list(range(len(docs)))
-        random.Random(spec.seed).shuffle(order)
-        docs = [docs[i] for i in order[:keep]]
-    eos = getattr(tokenizer, "eos_token_id", None)
-    limit = spec.max_tokens
-    ids: list[int] = []
-    for start in range(0, len(docs), _TOKENIZE_CHUNK):
-        chunk = docs[start : start + _TOKENIZE_CHUNK]
-        for doc_ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            if ids and eos is not None:
-                ids.append(eos)
-            ids.extend(doc_ids)
-        if limit is not None and len(ids) >= limit:
-            break
-    if limit is not None:
-        ids = ids[:limit]
-    return torch.tensor(ids, dtype=torch.long)
+    if part not in ("train", "heldout"):
+        raise ValueError(f"part: expected 'train' or 'heldout', got {part!r}")
+    if part == "heldout" and spec.heldout == 0:
+        raise LlmshrinkError(
+            f"data.heldout is {spec.heldout}, so no text is held out: set data.heldout to a fraction in (0, 1), "
+            "e.g. 0.05, to keep that share of the documents out of training"
+        )
+    if spec.streaming:
+        if spec.max_tokens is None:
+            raise LlmshrinkError(
+                "data.streaming needs data.max_tokens: set data.max_tokens to bound how much text is read, "
+                "or set data.streaming to false"
+            )
+        docs: Iterable[str] = _streamed_part(spec, part)
+    else:
+        docs = _in_memory_part(spec, part)
+    return _encode(docs, tokenizer, spec.max_tokens)
 
 
 def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -92,39 +115,145 @@ def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: blocks * seq_len].reshape(blocks, seq_len).long()
 
 
+def _in_memory_part(spec: DataSpec, part: Part) -> list[str]:
+    docs = load_texts(spec)
+    order = list(range(len(docs)))
+    random.Random(spec.seed).shuffle(order)
+    held = max(1, round(len(docs) * spec.heldout)) if spec.heldout > 0 else 0
+    if held >= len(docs):
+        raise LlmshrinkError(
+            f"data.heldout: {spec.heldout} holds out all {len(docs)} documents of {spec.source}, "
+            "leaving none for training: lower data.heldout or use more text"
+        )
+    if part == "heldout":
+        return [docs[i] for i in sorted(order[:held])]
+    rest = order[held:]
+    # With heldout == 0 this is the shuffle that selected training documents before held-out splits existed.
+    chosen = rest[: max(1, int(len(rest) * spec.fraction))] if spec.fraction < 1.0 else sorted(rest)
+    return [docs[i] for i in chosen]
+
+
+def _streamed_part(spec: DataSpec, part: Part) -> Iterator[str]:
+    found = False
+    for index, doc in enumerate(stream_texts(spec)):
+        if _part_of(spec, index) == part:
+            found = True
+            yield doc
+    if not found:  # reached only when the whole source was read without a match
+        raise LlmshrinkError(
+            f"data: no document of {spec.source} fell in the {part} part (data.seed={spec.seed}, "
+            f"data.fraction={spec.fraction}, data.heldout={spec.heldout}): use more text or change these"
+        )
+
+
+def _part_of(spec: DataSpec, index: int) -> Part | None:
+    """Where streamed document `index` goes, from a hash of (seed, index) alone: no state across documents."""
+    digest = hashlib.blake2b(f"{spec.seed}:{index}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64
+    if u < spec.heldout:
+        return "heldout"
+    return "train" if (u - spec.heldout) / (1.0 - spec.heldout) < spec.fraction else None
+
+
+def _encode(docs: Iterable[str], tokenizer, limit: int | None) -> torch.Tensor:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    stream = iter(docs)
+    while chunk := list(islice(stream, _TOKENIZE_CHUNK)):
+        for doc_ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            if ids and eos is not None:
+                ids.append(eos)
+            ids.extend(doc_ids)
+        if limit is not None and len(ids) >= limit:
+            break  # a streamed source is read no further
+    if limit is not None:
+        ids = ids[:limit]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _builtin_paragraphs(spec: DataSpec) -> list[str]:
+    from llmshrink.corpus import builtin_text
+
+    return _paragraphs(builtin_text(spec.source.removeprefix("builtin:"), spec.split))
+
+
+def _local_path(spec: DataSpec) -> Path | None:
+    """The local file `spec.source` names, or None for a hub id; errors for a missing or unusable file."""
+    path = Path(spec.source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in _LOCAL_BUILDERS:
+        if not path.is_file():
+            raise LlmshrinkError(f"data.source: file not found: {spec.source}")
+        return path
+    if path.exists():
+        raise LlmshrinkError(
+            f"data.source: {spec.source}: unsupported file type {suffix or '(none)'!r}; "
+            "use .txt, .jsonl, .json or .parquet"
+        )
+    return None
+
+
 def _paragraphs(text: str) -> list[str]:
     paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
     # A text without blank lines would be one document, and `fraction` could not subsample it.
     return paragraphs if len(paragraphs) > 1 else text.splitlines()
 
 
-def _load_local(path: Path, builder: str):
+def _load_local(path: Path, builder: str, streaming: bool = False, **config):
     import datasets
 
     try:
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train",
+                                     streaming=streaming, **config)
     except Exception as err:  # datasets raises many types for malformed files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LlmshrinkError(f"data.source: cannot read {path}: {first}") from err
+        raise _read_error(path, err) from err
 
 
-def _load_hub(spec: DataSpec):
+def _load_hub(spec: DataSpec, streaming: bool = False):
     import datasets
 
     try:
-        return datasets.load_dataset(spec.source, spec.config, split=spec.split)
+        return datasets.load_dataset(spec.source, spec.config, split=spec.split, streaming=streaming)
     except Exception as err:  # no network, unknown id, unknown config or split
-        raise LlmshrinkError(
-            f"data.source: cannot load dataset {spec.source!r} (offline?): "
-            "use a local .txt/.jsonl file or builtin:shakespeare"
-        ) from err
+        raise _hub_error(spec) from err
+
+
+def _read_error(path: Path, err: Exception) -> LlmshrinkError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LlmshrinkError(f"data.source: cannot read {path}: {first}")
+
+
+def _hub_error(spec: DataSpec) -> LlmshrinkError:
+    return LlmshrinkError(
+        f"data.source: cannot load dataset {spec.source!r} (offline?): "
+        "use a local .txt/.jsonl file or builtin:shakespeare"
+    )
+
+
+def _no_field(field: str, source: str, columns: Iterable[str]) -> LlmshrinkError:
+    return LlmshrinkError(
+        f"data.text_field: {source} has no field {field!r}; fields: {', '.join(columns) or '(none)'}"
+    )
 
 
 def _column(dataset, spec: DataSpec, source: str) -> list[str]:
     columns = list(dataset.column_names)
     if spec.text_field not in columns:
-        raise LlmshrinkError(
-            f"data.text_field: {source} has no field {spec.text_field!r}; "
-            f"fields: {', '.join(columns) or '(none)'}"
-        )
+        raise _no_field(spec.text_field, source, columns)
     return [t for t in dataset[spec.text_field] if isinstance(t, str)]
+
+
+def _rows(dataset, field: str, source: str, error: Callable[[Exception], LlmshrinkError]) -> Iterator[str]:
+    """The string values of `field` in a streamed dataset, row by row."""
+    rows = iter(dataset)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:  # a streamed file is parsed, and a hub read, only while iterating
+            raise error(err) from err
+        if field not in row:
+            raise _no_field(field, source, row)
+        if isinstance(row[field], str):
+            yield row[field]

@@ -4,10 +4,15 @@ The loss is a callable `loss_fn(student, teacher, input_ids) -> (loss, parts)`, 
 losses or layer-by-layer schedules only swap the callable (and which parameters are trainable).
 The teacher handed to it is frozen: it runs in eval mode under torch.no_grad.
 
+Options: `mixed_precision` ("no", "bf16", or "fp16" on GPUs only) runs the loss under accelerate's
+autocast; `gradient_checkpointing` recomputes activations in the backward pass (less memory, same
+numbers); `eval_fn` is called on the student at step 0, every `eval_every` steps and at the end, and
+its values are recorded in `TrainResult.evals`.
+
 Resume: with `state_dir` and `save_every`, the loop snapshots its state into
 `state_dir/step-<k>/` (written as `.tmp-step-<k>/`, then renamed, so a crash never leaves a half
 snapshot; only the newest is kept): `state.json` (run settings, step, data position, token count,
-losses), `trainable.safetensors` (the trainable parameters only; frozen ones never change),
+losses, evaluations), `trainable.safetensors` (the trainable parameters only; frozen ones never change),
 `optim.pt` (optimizer, scheduler and fp16 grad-scaler state dicts) and `rng-<process>.pt`. Plain
 state dicts rather than accelerator.save_state: that writes the whole model every time, needs the
 scheduler prepared (this loop steps it by hand, once per optimizer step), restores no data position
@@ -35,18 +40,21 @@ from llmshrink.errors import LlmshrinkError
 
 # loss_fn(student, frozen teacher or None, input_ids) -> (loss, detached parts for logging)
 LossFn = Callable[[nn.Module, nn.Module | None, torch.Tensor], tuple[torch.Tensor, dict]]
+PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps taken
     tokens: int  # tokens the student was trained on, over all processes
-    seconds: float
+    seconds: float  # training time of this call, evaluations excluded
     tokens_per_s: float
     losses: list[float] = field(repr=False)  # mean loss of each optimizer step, over all processes
     first_loss: float
     last_loss: float
     last_parts: dict[str, float] = field(default_factory=dict)  # e.g. kd / ce of the last micro-batch
+    step_tokens: list[int] = field(default_factory=list, repr=False)  # tokens so far after each step
+    evals: list[tuple[int, int, float]] = field(default_factory=list)  # (step, tokens so far, eval_fn value)
 
 
 class FrozenTeacher(nn.Module):
@@ -83,6 +91,11 @@ def train(
     schedule: str = "cosine",
     state_dir: str | Path | None = None,
     save_every: int = 0,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    eval_every: int = 0,
+    desc: str = "distill",
 ) -> TrainResult:
     """Train `student` in place for `steps` optimizer steps on rows of `batches` (N x L token ids).
 
@@ -94,15 +107,26 @@ def train(
     With `save_every` > 0 the state is saved into `state_dir` every `save_every` optimizer steps
     and at the end. If `state_dir` already holds a state, the run continues from it, and ends as
     an uninterrupted run would; a state saved with other settings is refused.
+
+    `mixed_precision` is "no", "bf16" or "fp16" (fp16 needs a GPU). `gradient_checkpointing`
+    turns activation checkpointing on for the student (or its first submodule that supports it)
+    during the run only. `eval_fn(student) -> float` runs in eval mode under torch.no_grad on every
+    process, before the first step, every `eval_every` steps (0 = not in between) and after the
+    last; it leaves the training RNG alone, so it does not change the run. `desc` names the
+    progress bar and the log lines.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     if steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError(f"steps, batch_size and grad_accum must be >= 1, got {steps}, {batch_size}, {grad_accum}")
     if save_every < 0 or (save_every and state_dir is None):
         raise ValueError(f"save_every must be >= 0 and needs a state_dir, got {save_every}, {state_dir}")
+    if eval_every < 0 or (eval_every and eval_fn is None):
+        raise ValueError(f"eval_every must be >= 0 and needs an eval_fn, got {eval_every}, {eval_fn}")
+    if mixed_precision not in PRECISIONS:
+        allowed = ", ".join(repr(p) for p in PRECISIONS)
+        raise LlmshrinkError(f"distill: mixed_precision must be one of {allowed}, got {mixed_precision!r}")
     if batches.ndim != 2 or batches.shape[0] == 0:
         raise LlmshrinkError(f"distill: expected a non-empty (blocks, seq_len) batch tensor, got {tuple(batches.shape)}")
     named = {n: p for n, p in student.named_parameters() if p.requires_grad}
@@ -112,14 +136,7 @@ def train(
 
     set_seed(seed)
     dev = torch.device(device) if device is not None else None
-    accelerator = Accelerator(
-        cpu=dev is not None and dev.type == "cpu",
-        # Exact step counts: sync every grad_accum micro-batches, also across epoch ends; the
-        # scheduler is stepped by hand once per optimizer step, whatever the process count.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=grad_accum, sync_with_dataloader=False, adjust_scheduler=False
-        ),
-    )
+    accelerator = _accelerator(dev is not None and dev.type == "cpu", mixed_precision, grad_accum)
     # No decay on biases and norm weights (1-D), as usual for transformers.
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
@@ -142,9 +159,11 @@ def train(
     if root is not None:
         settings = _settings(batches, named, accelerator.num_processes, steps=steps, batch_size=batch_size,
                              grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                             schedule=schedule, max_grad_norm=max_grad_norm, seed=seed)
+                             schedule=schedule, max_grad_norm=max_grad_norm, seed=seed,
+                             mixed_precision=mixed_precision)
         saved = _latest_state(root)
-    meta: dict = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "losses": [], "last_parts": {}}
+    meta: dict = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "losses": [], "last_parts": {},
+                  "step_tokens": [], "evals": []}
     if saved is not None:
         meta = _load_meta(saved, settings)
         _load_trainable(saved, named)  # before prepare, so data-parallel wrappers start from it
@@ -152,35 +171,60 @@ def train(
     if saved is not None:
         _load_optim(saved, optimizer, scheduler, accelerator)
         _set_rng(torch.load(saved / f"rng-{accelerator.process_index}.pt", weights_only=True), accelerator.device)
-        log(f"distill: resuming from step {meta['step']} of {steps} ({saved})")
+        log(f"{desc}: resuming from step {meta['step']} of {steps} ({saved})")
     frozen = FrozenTeacher(teacher.to(accelerator.device)) if teacher is not None else None
 
     model.train()
     losses: list[float] = list(meta["losses"])
+    step_tokens: list[int] = list(meta["step_tokens"])
+    evals = [(int(s), int(t), float(v)) for s, t, v in meta["evals"]]
     step_loss, micro, tokens = 0.0, 0, int(meta["tokens"])
     epoch, skip = int(meta["epoch"]), int(meta["index"])
     parts: dict = dict(meta["last_parts"])
     bar = tqdm(
         total=steps,
         initial=len(losses),
-        desc="distill",
+        desc=desc,
         unit="step",
         mininterval=1.0,
         disable=None if accelerator.is_local_main_process else True,  # None: off when not a TTY
     )
     log_every = max(1, steps // 10)
-    start, start_tokens = time.perf_counter(), tokens
+    start, start_tokens, eval_seconds = time.perf_counter(), tokens, 0.0
+
+    def maybe_eval() -> None:
+        nonlocal eval_seconds
+        step = len(losses)
+        due = step == 0 or step == steps or (eval_every and step % eval_every == 0)
+        if eval_fn is None or not due or (evals and evals[-1][0] >= step):  # already done before a resume
+            return
+        began, rng = time.perf_counter(), _get_rng(accelerator.device)
+        unwrapped = accelerator.unwrap_model(model).eval()
+        with torch.no_grad():
+            value = float(eval_fn(unwrapped))
+        model.train()
+        _set_rng(rng, accelerator.device)  # evaluating must not change the training run
+        evals.append((step, tokens, value))
+        eval_seconds += time.perf_counter() - began
+        if accelerator.is_main_process:
+            log(f"{desc}: step {step}/{steps} eval {value:.4f}")
+
+    restore_checkpointing = None
     try:
+        if gradient_checkpointing:
+            restore_checkpointing = _enable_checkpointing(student)
+        maybe_eval()  # step 0; or the end, when rerunning a finished run whose state has no evals
         while len(losses) < steps:
             loader.set_epoch(epoch)
             for index, (input_ids,) in enumerate(loader, 1):
                 if index <= skip:
                     continue  # replay the epoch's order up to the saved position
                 with accelerator.accumulate(model):
-                    loss, parts = loss_fn(model, frozen, input_ids)
+                    with accelerator.autocast():  # the loss and teacher too, not only the student's forward
+                        loss, parts = loss_fn(model, frozen, input_ids)
                     if not torch.isfinite(loss):
                         raise LlmshrinkError(
-                            f"distill: loss became {loss.item()} at step {len(losses) + 1}: lower lr (now {lr})"
+                            f"{desc}: loss became {loss.item()} at step {len(losses) + 1}: lower lr (now {lr})"
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and max_grad_norm > 0:
@@ -197,15 +241,17 @@ def train(
                 # process, so the main process's snapshot restores it everywhere.
                 mean = torch.tensor(step_loss / micro, device=accelerator.device)
                 losses.append(accelerator.reduce(mean, "mean").item() if accelerator.num_processes > 1 else mean.item())
+                step_tokens.append(tokens)
                 step_loss, micro = 0.0, 0
-                rate = (tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
+                maybe_eval()
+                rate = (tokens - start_tokens) / max(time.perf_counter() - start - eval_seconds, 1e-9)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
                 if bar.disable and (len(losses) % log_every == 0 or len(losses) == steps):
-                    log(f"distill: step {len(losses)}/{steps} loss {losses[-1]:.4f} ({rate:.0f} tokens/s)")
+                    log(f"{desc}: step {len(losses)}/{steps} loss {losses[-1]:.4f} ({rate:.0f} tokens/s)")
                 if root is not None and save_every and (len(losses) % save_every == 0 or len(losses) == steps):
                     meta = {"settings": settings, "step": len(losses), "epoch": epoch, "index": index,
-                            "tokens": tokens, "losses": losses,
+                            "tokens": tokens, "losses": losses, "step_tokens": step_tokens, "evals": evals,
                             "last_parts": {k: float(v) for k, v in parts.items()}}
                     _save_state(root, meta, named, optimizer, scheduler, accelerator)
                 if len(losses) == steps:
@@ -214,8 +260,11 @@ def train(
                 epoch, skip = epoch + 1, 0
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
-    accelerator.unwrap_model(model).eval()
+        if restore_checkpointing is not None:
+            restore_checkpointing()
+        # Drops the autocast wrapper that mixed precision put around the student's forward.
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
+    seconds = time.perf_counter() - start - eval_seconds
     return TrainResult(
         steps=len(losses),
         tokens=tokens,
@@ -225,7 +274,62 @@ def train(
         first_loss=losses[0],
         last_loss=losses[-1],
         last_parts={k: float(v) for k, v in parts.items()},
+        step_tokens=step_tokens,
+        evals=evals,
     )
+
+
+def _accelerator(cpu: bool, mixed_precision: str, grad_accum: int):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import GradientAccumulationPlugin
+
+    # accelerate keeps one process-wide state and refuses another precision in it; each train()
+    # call owns its settings, so that state starts over (the process group, in PartialState, stays).
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        # Exact step counts: sync every grad_accum micro-batches, also across epoch ends; the
+        # scheduler is stepped by hand once per optimizer step, whatever the process count.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=grad_accum, sync_with_dataloader=False, adjust_scheduler=False
+        ),
+    )
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        AcceleratorState._reset_state()
+        # accelerate would silently train in fp32 here (no fp16 autocast or grad scaler on CPU).
+        raise LlmshrinkError(
+            "distill: mixed_precision='fp16' needs a GPU, this run is on CPU: use mixed_precision 'no' or 'bf16'"
+        )
+    return accelerator
+
+
+def _enable_checkpointing(student: nn.Module) -> Callable[[], None]:
+    """Turn activation checkpointing on; returns the function that restores the previous setting."""
+    # The student first, then e.g. the model inside a wrapper; the transformers 5 name first.
+    found = next(((m, name) for m in student.modules() for name in ("activation_checkpointing", "gradient_checkpointing")
+                  if callable(getattr(m, f"{name}_enable", None)) and callable(getattr(m, f"{name}_disable", None))),
+                 None)
+    if found is None:
+        raise LlmshrinkError(
+            f"distill: gradient_checkpointing is on, but {type(student).__name__} and its submodules have no "
+            "gradient_checkpointing_enable(): turn it off for this model"
+        )
+    module, name = found
+    if getattr(module, f"is_{name}", False):
+        return lambda: None  # the caller turned it on and keeps it
+    had_input_hooks = bool(getattr(module, "_require_grads_hooks", None))
+    getattr(module, f"{name}_enable")()
+
+    def restore() -> None:
+        getattr(module, f"{name}_disable")()
+        # Enabling also made the embedding outputs require grad (for frozen embeddings); undo that.
+        if not had_input_hooks and hasattr(module, "disable_input_require_grads"):
+            module.disable_input_require_grads()
+
+    return restore
 
 
 class _EpochShuffle(Sampler[int]):

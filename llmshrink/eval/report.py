@@ -143,7 +143,8 @@ def _stage_cells(row: dict) -> list[str]:
 
 
 def render_report_md(
-    name: str, base: dict, compressed: dict, stage_rows: list[dict], protocol: dict, notes: list[str]
+    name: str, base: dict, compressed: dict, stage_rows: list[dict], protocol: dict, notes: list[str],
+    curves_png: str | None = None,
 ) -> str:
     """The markdown text write_report_md writes."""
     bos = protocol.get("bos")
@@ -166,6 +167,10 @@ def render_report_md(
         )
         if stage_rows
         else "No stages ran.",
+    ]
+    if curves_png:
+        parts += ["## Training curves", f"![training loss and eval perplexity by tokens]({curves_png})"]
+    parts += [
         "## Perplexity protocol",
         protocol_line(protocol),
         "\n".join(f"- {k}: {v}" for k, v in details),
@@ -183,7 +188,11 @@ def write_report_md(
     stage_rows: list[dict],
     protocol: dict,
     notes: list[str],
+    curves_png: str | None = None,
 ) -> Path:
-    """Write the markdown report atomically (temp file in the same directory, then os.replace)."""
-    text = render_report_md(name, base, compressed, stage_rows, protocol, notes)
+    """Write the markdown report atomically (temp file in the same directory, then os.replace).
+
+    `curves_png`: a file name beside the report with the training curves, linked under its own heading.
+    """
+    text = render_report_md(name, base, compressed, stage_rows, protocol, notes, curves_png)
     return atomic_write_text(path, text)

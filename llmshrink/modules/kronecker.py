@@ -182,3 +182,6 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
 def _gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[..., index], through gather (measured faster than index_select on the last dim on CPU)."""
     return torch.gather(x, -1, index.expand(*x.shape[:-1], index.numel()))
+
+
+COMPRESSED = (KroneckerLinear,)

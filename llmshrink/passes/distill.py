@@ -19,6 +19,7 @@ from pydantic import Field, NonNegativeInt
 from torch import nn
 
 from llmshrink.context import Context
+from llmshrink.distill.curves import training_curve
 from llmshrink.distill.data import pack
 from llmshrink.distill.losses import (
     attention_kl_loss,
@@ -59,6 +60,13 @@ class DistillConfig(PassConfig):
         description="student -> teacher hidden-state index pairs (0 = embeddings, i = after block i); "
         "default: spread evenly, last to last",
     )
+    eval_every: int = Field(
+        0, ge=0, description="perplexity every N steps (and before and after training) on data.heldout "
+        "documents, or on the recipe's evaluate data when data.heldout is 0; 0 = off",
+    )
+    eval_tokens: int = Field(4096, ge=16, description="held-out tokens per periodic evaluation")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast (accelerate); fp16 needs CUDA")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
 
 
 def logit_kd_loss(alpha: float, temperature: float) -> LossFn:
@@ -160,6 +168,7 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
     if features:
         assert teacher is not None
         pairs, student = _feature_setup(model, teacher, cfg, blocks[:1, :2], ctx.seed)
+    eval_fn, eval_data = _periodic_eval(cfg, ctx)
     saved = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in model.parameters():
@@ -191,6 +200,10 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
                 teacher=teacher,
                 state_dir=ctx.work_dir if cfg.save_every else None,
                 save_every=cfg.save_every,
+                mixed_precision=cfg.mixed_precision,
+                gradient_checkpointing=cfg.gradient_checkpointing,
+                eval_fn=eval_fn,
+                eval_every=cfg.eval_every,
             )
     finally:
         for p, flag in saved.items():
@@ -220,11 +233,40 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
         "trained_params": sum(p.numel() for p in trainable),
         "hidden_weight": cfg.hidden_weight,
         "attention_weight": cfg.attention_weight,
+        "mixed_precision": cfg.mixed_precision,
+        "eval_data": eval_data,
+        "curve": training_curve(result),
     }
     if features:
         record |= {"hidden_loss": cfg.hidden_loss, "layer_map": [list(p) for p in pairs],
                    "projection_params": projection_params}
     return record
+
+
+def _periodic_eval(cfg: DistillConfig, ctx: Context):
+    """(eval_fn for the trainer or None, what it measures): the held-out part of data: if there is
+    one, else the recipe's evaluate perplexity (ctx.evaluate)."""
+    if not cfg.eval_every:
+        return None, None
+    if ctx.data is not None and ctx.data.heldout > 0:
+        from llmshrink.eval.perplexity import perplexity
+
+        ids = ctx.heldout_token_ids()[: cfg.eval_tokens]
+        window = min(cfg.seq_len, ids.numel())
+
+        def heldout_ppl(student: nn.Module) -> float:
+            inner = student.student if isinstance(student, ProjectedStudent) else student
+            return perplexity(inner, ids, window, max(1, window // 2), cfg.batch_size, ctx.device,
+                              progress=False).ppl
+
+        return heldout_ppl, f"data.heldout ({ids.numel()} tokens)"
+    if ctx.evaluate is None:
+        raise LlmshrinkError(
+            "distill.eval_every: needs held-out text (set data.heldout > 0) or evaluate.perplexity in the recipe"
+        )
+    evaluate = ctx.evaluate
+    return (lambda student: evaluate(student.student if isinstance(student, ProjectedStudent) else student),
+            "evaluate.perplexity")
 
 
 def _feature_setup(

@@ -1,0 +1,125 @@
+"""Cluster pass (Han et al., Deep Compression): k-means weight sharing, one codebook per layer.
+
+Each target's weights are clustered into k values; the layer keeps the k float centroids (trainable,
+so a later distill stage fine-tunes them) and one packed log2(k)-bit index per weight. Biases stay float.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+from tqdm.auto import tqdm
+
+from llmshrink.context import Context
+from llmshrink.decompose.kmeans import kmeans_1d
+from llmshrink.errors import LlmshrinkError
+from llmshrink.modules.clustered import ClusteredLinear, dense_weight
+from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.registry import register_pass
+from llmshrink.targeting import find_targets, replace_module, shared_weight_names
+
+
+class ClusterConfig(PassConfig):
+    targets: str = Field(
+        r".*\.\d+\..*", description="regex over full module names (Linear or Conv1D); default: every block layer"
+    )
+    exclude: str | None = Field(None, description="regex of module names to leave dense")
+    layers: list[int] | None = Field(None, description="only these block indices")
+    clusters: int | None = Field(None, ge=2, le=256, description="shared values per layer (give this or bits)")
+    bits: int | None = Field(None, ge=1, le=8, description="bits per index: clusters = 2**bits (or clusters)")
+    init: Literal["forgy", "density", "linear"] = Field(
+        "linear", description="centroid start: random weights, CDF quantiles, or evenly spaced (Han et al.'s best)"
+    )
+    iters: int = Field(300, ge=1, description="Lloyd iterations at most")
+    tol: float = Field(1e-6, ge=0.0, description="stop when no centroid moves more than tol x the weight range")
+    per: Literal["layer"] = Field("layer", description="one codebook per layer")
+    tied_embeddings: Literal["refuse", "untie"] = Field(
+        "refuse", description="what to do with a target whose weight is tied to another module"
+    )
+
+    @model_validator(mode="after")
+    def _one_size(self) -> ClusterConfig:
+        if (self.clusters is None) == (self.bits is None):
+            both = ", not both" if self.clusters is not None else ""
+            raise PydanticCustomError("cluster_size", f"set clusters (2..256) or bits (1..8){both}")
+        return self
+
+    @property
+    def k(self) -> int:
+        return self.clusters if self.clusters is not None else 2**self.bits
+
+
+def apply(model, cfg: ClusterConfig, ctx: Context) -> PassRecord:
+    targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers)
+    k = cfg.k
+    layers, untied = [], []
+    for name, module in tqdm(targets, desc="cluster", unit="layer", leave=False):
+        tied_to = shared_weight_names(model, name)
+        if tied_to and cfg.tied_embeddings == "refuse":
+            raise LlmshrinkError(
+                f"cluster.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
+                "exclude it, or set tied_embeddings: untie to cluster it alone (the other stays dense)"
+            )
+        weight = dense_weight(module)
+        if weight.numel() < k:
+            raise LlmshrinkError(f"cluster: {name}: {k} clusters for a layer of only {weight.numel()} weights")
+        start = time.perf_counter()
+        found = kmeans_1d(weight, k, init=cfg.init, iters=cfg.iters, tol=cfg.tol, seed=ctx.seed)
+        new = ClusteredLinear.from_clusters(module, found.centroids.to(weight.dtype), found.assignments)
+        with torch.no_grad():
+            error = float((new.to_dense().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
+        replace_module(model, name, new)
+        if tied_to:
+            untied.append(name)
+            model.config.tie_word_embeddings = False
+        layers.append(_layer_record(name, weight, new, cfg.init, found, error, time.perf_counter() - start))
+        ctx.log(
+            f"  {name}: {weight.shape[0]}x{weight.shape[1]} -> {k} shared values, {new.bits}-bit indices, "
+            f"rel. error {error:.4f}"
+        )
+    before = sum(layer["bytes_before"] for layer in layers)
+    after = sum(layer["bytes_after"] for layer in layers)
+    return {
+        "clusters": k,
+        "init": cfg.init,
+        "per": cfg.per,
+        "seed": ctx.seed,
+        "layers": layers,
+        "untied": untied,
+        "bytes_before": before,
+        "bytes_after": after,
+        "ratio": round(after / before, 6),
+    }
+
+
+def _layer_record(
+    name: str, weight: torch.Tensor, new: ClusteredLinear, init: str, found, error: float, seconds: float
+) -> dict:
+    index_bytes = new.indices.numel() * new.indices.element_size()
+    codebook_bytes = new.codebook.numel() * new.codebook.element_size()
+    per_byte = 8 // new.bits
+    return {
+        "name": name,
+        "shape": list(weight.shape),
+        "clusters": new.clusters,
+        "init": init,
+        "bits": math.ceil(math.log2(new.clusters)),  # information per index
+        "index_bits": new.bits,  # stored per index (1, 2, 4 or 8, so bytes split evenly)
+        "index_storage": f"uint8, {per_byte} per byte" if per_byte > 1 else "uint8",
+        "index_bytes": index_bytes,
+        "codebook_bytes": codebook_bytes,
+        "bytes_before": weight.numel() * weight.element_size(),
+        "bytes_after": index_bytes + codebook_bytes,
+        "rel_error": round(error, 6),
+        "iterations": found.iterations,
+        "converged": found.converged,
+        "seconds": round(seconds, 3),
+    }
+
+
+register_pass("cluster", ClusterConfig, apply)

@@ -1,0 +1,120 @@
+"""Iterate pass: run a few stages once per group of blocks (TQCompressedGPT-2's multi-step compression).
+
+    - iterate:
+        group_size: 2                 # or groups: [[0, 1], [2, 3]]; group_size 1 = per layer
+        layers: [4, 5, 6, 7]          # default: every block of the model
+        stages:
+          - kronecker: {a_shape: [32, 24], rank: 4, permute: false}
+          - local_distill: {steps: 20}
+          - distill: {steps: 10, train: compressed}
+
+For each group in turn, every inner stage runs once; inner stages that have a `layers` setting
+(compression passes, local_distill) get the group's blocks, the others (distill) run as written.
+So later groups are compressed and trained with the earlier ones already compressed and recovered.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from llmshrink.context import Context
+from llmshrink.errors import LlmshrinkError, RecipeError
+from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.registry import get_pass, register_pass
+from llmshrink.targeting import is_dense_layer, layer_index
+
+# Settings that the group decides, so an inner stage must not set them itself.
+_GROUP_FIELDS = ("layers", "select_layers")
+
+
+class IterateConfig(PassConfig):
+    stages: list[dict[str, Any]] = Field(..., min_length=1, description="stages to run for every group")
+    groups: list[list[int]] | None = Field(None, description="explicit groups of block indices, in order")
+    group_size: int = Field(1, ge=1, description="blocks per group when `groups` is not given (1 = per layer)")
+    layers: list[int] | None = Field(None, description="blocks to walk through; default: every block")
+
+    @field_validator("stages")
+    @classmethod
+    def _valid_inner_stages(cls, stages: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        from llmshrink.recipe import parse_stage
+
+        where = info.context or {}
+        file, field = where.get("file", "<recipe>"), where.get("field", "iterate")
+        grouped = False
+        for i, item in enumerate(stages):
+            stage = parse_stage(item, file, f"{field}.stages[{i}]")
+            fields = type(stage.config).model_fields
+            for key in _GROUP_FIELDS:
+                if key in stage.config.model_fields_set and getattr(stage.config, key) is not None:
+                    raise RecipeError(
+                        file, f"{field}.stages[{i}].{stage.name}.{key}",
+                        "set by iterate for each group; remove it (give iterate `groups` or `layers`)",
+                    )
+            grouped = grouped or "layers" in fields
+        if not grouped:
+            raise RecipeError(
+                file, f"{field}.stages",
+                "no inner stage takes `layers`, so every group would do the same thing; "
+                "add a compression pass or local_distill",
+            )
+        return stages
+
+    @model_validator(mode="after")
+    def _groups_or_layers(self) -> IterateConfig:
+        if self.groups is not None and (self.layers is not None or "group_size" in self.model_fields_set):
+            raise ValueError("give either `groups`, or `layers`/`group_size`, not both")
+        if self.groups is not None and (not self.groups or any(not g for g in self.groups)):
+            raise ValueError(f"groups must be non-empty lists of block indices, got {self.groups}")
+        return self
+
+
+def block_groups(model, cfg: IterateConfig) -> list[list[int]]:
+    """The groups to walk through, checked against the blocks the model has."""
+    blocks = sorted({i for n, m in model.named_modules() if is_dense_layer(m) and (i := layer_index(n)) is not None})
+    if cfg.groups is not None:
+        groups = [list(g) for g in cfg.groups]
+    else:
+        layers = cfg.layers if cfg.layers is not None else blocks
+        groups = [list(layers[i : i + cfg.group_size]) for i in range(0, len(layers), cfg.group_size)]
+    unknown = sorted({i for g in groups for i in g} - set(blocks))
+    if unknown:
+        raise LlmshrinkError(f"iterate: blocks {unknown} do not exist; the model has blocks {blocks[0]}..{blocks[-1]}")
+    if not groups:
+        raise LlmshrinkError("iterate.layers: empty; give at least one block")
+    return groups
+
+
+def apply(model, cfg: IterateConfig, ctx: Context) -> PassRecord:
+    from llmshrink.recipe import parse_stage
+
+    groups = block_groups(model, cfg)
+    stages = [parse_stage(item, "<recipe>", f"iterate.stages[{i}]") for i, item in enumerate(cfg.stages)]
+    work_dir, runs = ctx.work_dir, []
+    ctx.log(f"iterate: {len(groups)} groups x {len(stages)} stages: {groups}")
+    try:
+        for g, group in enumerate(groups):
+            run: dict = {"group": group, "stages": []}
+            for j, stage in enumerate(stages):
+                config = stage.config
+                if "layers" in type(config).model_fields:
+                    config = config.model_copy(update={"layers": group})
+                ctx.log(f"iterate: group {g + 1}/{len(groups)} {group}: {stage.name}")
+                if work_dir is not None:  # each inner stage resumes from its own folder
+                    ctx.work_dir = work_dir / f"group-{g}-stage-{j}-{stage.name}"
+                start = time.perf_counter()
+                record = get_pass(stage.name).apply(model, config, ctx)
+                run["stages"].append({"pass": stage.name, "record": record,
+                                      "seconds": round(time.perf_counter() - start, 3)})
+            if ctx.evaluate is not None:
+                run["perplexity"] = ctx.evaluate(model)
+                ctx.log(f"iterate: perplexity after group {g + 1}/{len(groups)}: {run['perplexity']:.2f}")
+            runs.append(run)
+    finally:
+        ctx.work_dir = work_dir
+    return {"groups": groups, "runs": runs}
+
+
+register_pass("iterate", IterateConfig, apply)

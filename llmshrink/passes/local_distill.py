@@ -1,0 +1,164 @@
+"""Local distillation: each compressed layer learns to reproduce its dense original's outputs.
+
+For every compressed layer (KroneckerLinear, ...) the teacher holds the dense layer of the same
+name. One teacher forward per batch records each such layer's input X and output Y = W X (forward
+hooks); the compressed layers are then trained on the normalised error ||f(X) - Y||² / mean(Y²),
+all at once and independently (the inputs are the teacher's, so no layer waits for another). No
+student forward or backward through the whole model: a step costs about one teacher forward,
+several times cheaper than a logit-KD step. It fits the layers to the activations they will see
+(calibration-aware), where the compression itself only looked at the weights; a short global
+distill afterwards repairs what the layers cannot do alone.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from llmshrink.context import Context
+from llmshrink.distill.curves import training_curve
+from llmshrink.distill.data import pack
+from llmshrink.distill.trainer import LossFn, train
+from llmshrink.errors import LlmshrinkError
+from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.registry import register_pass
+from llmshrink.targeting import is_dense_layer, layer_index
+
+
+class LocalDistillConfig(PassConfig):
+    steps: int = Field(..., ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="blocks per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(256, ge=2, description="tokens per block")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(5, ge=0, description="linear warmup, then cosine decay to zero")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 = off")
+    targets: str = Field(".*", description="regex over the names of the compressed layers to fit")
+    layers: list[int] | None = Field(None, description="only compressed layers in these blocks")
+    save_every: int = Field(0, ge=0, description="save the training state every N steps (0 = off)")
+
+
+class LocalStudent(nn.Module):
+    """The compressed layers being fitted, as one module (so the trainer optimises them together)."""
+
+    def __init__(self, names: list[str], layers: list[nn.Module]):
+        super().__init__()
+        self.names = names
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # Called through forward (not layer by layer) so that accelerate's DDP wrapper syncs gradients.
+        return [layer(x) for layer, x in zip(self.layers, inputs, strict=True)]
+
+
+def local_loss(teacher_layers: list[nn.Module]) -> LossFn:
+    """loss_fn: one teacher forward records the dense layers' inputs and outputs; the mean over
+    layers of ||f(X) - Y||² / mean(Y²) is the loss (1.0 = as bad as predicting zeros)."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(index: int):
+        def hook(module, args, output):
+            seen[index] = (args[0].detach(), output.detach())
+
+        return hook
+
+    def loss_fn(model: nn.Module, teacher: nn.Module | None, input_ids: torch.Tensor):
+        handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(teacher_layers)]
+        try:
+            teacher(input_ids=input_ids, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        pairs = [seen.pop(i) for i in range(len(teacher_layers))]
+        outputs = model([x for x, _ in pairs])
+        terms = torch.stack([(f - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-12)
+                             for f, (_, y) in zip(outputs, pairs, strict=True)])
+        loss = terms.mean()
+        return loss, {"local": loss.detach(), "worst": terms.max().detach()}
+
+    return loss_fn
+
+
+def apply(model: nn.Module, cfg: LocalDistillConfig, ctx: Context) -> PassRecord:
+    from llmshrink.modules import COMPRESSED_MODULES
+
+    if ctx.teacher is None:
+        raise LlmshrinkError("local_distill: needs the teacher (the model as loaded); run it through `llmshrink apply`")
+    if cfg.save_every and ctx.work_dir is None:
+        raise LlmshrinkError("local_distill.save_every: needs a work directory; run it through `llmshrink apply`")
+    kinds = tuple(COMPRESSED_MODULES.values())
+    chosen = [
+        (name, m) for name, m in model.named_modules()
+        # Layers that hold weights; e.g. a shared-block reference owns none and has no dense original.
+        if isinstance(m, kinds) and next(m.parameters(), None) is not None and re.fullmatch(cfg.targets, name)
+        and (cfg.layers is None or layer_index(name) in cfg.layers)
+    ]
+    if not chosen:
+        raise LlmshrinkError(
+            f"local_distill: no compressed layer matches targets {cfg.targets!r}"
+            + (f" in layers {cfg.layers}" if cfg.layers is not None else "")
+            + ": put a compression pass before this one"
+        )
+    teacher_layers = []
+    for name, _ in chosen:
+        dense = dict(ctx.teacher.named_modules()).get(name)
+        if dense is None or not is_dense_layer(dense):
+            raise LlmshrinkError(f"local_distill: the teacher has no dense layer {name} to match; use teacher: base")
+        teacher_layers.append(dense)
+    names = [name for name, _ in chosen]
+    student = LocalStudent(names, [m for _, m in chosen])
+    blocks = pack(ctx.train_token_ids(), cfg.seq_len)
+    saved = {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.requires_grad_(False)
+        student.requires_grad_(True)
+        trainable = sum(p.numel() for p in student.parameters())
+        ctx.log(f"local_distill: {len(names)} layers, {trainable:,} params, {cfg.steps} steps on "
+                f"{blocks.shape[0]} blocks of {cfg.seq_len} tokens")
+        result = train(
+            student,
+            blocks,
+            local_loss(teacher_layers),
+            steps=cfg.steps,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            max_grad_norm=cfg.max_grad_norm,
+            seed=ctx.seed,
+            device=ctx.device,
+            log=ctx.log,
+            teacher=ctx.teacher,
+            state_dir=ctx.work_dir if cfg.save_every else None,
+            save_every=cfg.save_every,
+            desc="local_distill",
+        )
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        model.eval()
+    ctx.log(
+        f"local_distill: normalised error {result.first_loss:.4f} -> {result.last_loss:.4f}, "
+        f"{result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_s:.0f} tokens/s)"
+    )
+    return {
+        "layers": names,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 3),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "first_loss": result.first_loss,
+        "last_loss": result.last_loss,
+        "final_parts": result.last_parts,
+        "trained_params": trainable,
+        "lr": cfg.lr,
+        "curve": training_curve(result),
+    }
+
+
+register_pass("local_distill", LocalDistillConfig, apply)

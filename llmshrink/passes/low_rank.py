@@ -1,0 +1,262 @@
+"""Low-rank pass: replace dense layers by two thin factors from a truncated SVD.
+
+Plain: W ≈ U_r Σ_r V_rᵀ, the best rank-r weight in Frobenius norm. Activation-aware (SVD-LLM / ASVD
+style): with X the layer's inputs on calibration text and XXᵀ = S Sᵀ (Cholesky), the SVD of W S gives
+Ŵ = U_r Σ_r V_rᵀ S⁻¹, the rank-r weight that minimises the output error ||(W − Ŵ) X|| instead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmshrink.context import Context
+from llmshrink.errors import LlmshrinkError
+from llmshrink.modules.low_rank import LowRankLinear, dense_weight
+from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.registry import register_pass
+from llmshrink.targeting import find_targets, replace_module, shared_weight_names
+
+CALIBRATION_WINDOW = 256  # tokens per calibration forward
+CALIBRATION_BATCH = 8  # windows per forward
+
+
+class LowRankConfig(PassConfig):
+    targets: str = Field(r".*\.\d+\..*", description="regex over full module names; default: every block layer")
+    exclude: str | None = Field(None, description="regex of module names to leave dense")
+    layers: list[int] | None = Field(None, description="only these block indices")
+    rank: int | None = Field(None, ge=1, description="the same rank for every target")
+    energy: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="per layer, the smallest rank whose singular values (of W, or W·S when activation_aware) "
+        "hold this share of the squared norm",
+    )
+    ratio: float | None = Field(
+        None, gt=0.0, lt=1.0, description="factorised / dense params per layer: rank = floor(ratio·m·n/(m+n))"
+    )
+    activation_aware: bool = Field(
+        False, description="whiten by calibration inputs so the SVD minimises the output error, not the weight error"
+    )
+    calibration_tokens: int = Field(2048, ge=16, description="tokens of data: for activation_aware")
+    damping: float = Field(1e-4, gt=0.0, description="XXᵀ + damping·mean(diag)·I before Cholesky (x10 on failure)")
+    randomized: bool = Field(False, description="torch.svd_lowrank instead of a full SVD (faster, approximate)")
+    oversample: int = Field(10, ge=0, description="extra columns of the randomized sketch")
+    power_iters: int = Field(2, ge=0, description="subspace iterations of the randomized SVD")
+    tied_embeddings: Literal["refuse", "untie"] = Field(
+        "refuse", description="what to do with a target whose weight is tied to another module"
+    )
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self) -> LowRankConfig:
+        given = [key for key in ("rank", "energy", "ratio") if getattr(self, key) is not None]
+        if len(given) != 1:
+            found = " and ".join(given) if given else "none"
+            raise PydanticCustomError(
+                "rank_rule", "give exactly one of rank, energy or ratio (found {found})", {"found": found}
+            )
+        return self
+
+    def rule(self) -> dict:
+        key = next(key for key in ("rank", "energy", "ratio") if getattr(self, key) is not None)
+        return {key: getattr(self, key)}
+
+
+def apply(model, cfg: LowRankConfig, ctx: Context) -> PassRecord:
+    targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers, field="low_rank.targets")
+    tied = _check_targets(model, targets, cfg)  # before any work: a bad config fails fast
+    grams, calibration_tokens = None, None
+    if cfg.activation_aware:
+        ids = ctx.train_token_ids()[: cfg.calibration_tokens]
+        ctx.log(f"  collecting input statistics of {len(targets)} layers on {ids.numel()} calibration tokens")
+        grams = input_grams(model, [module for _, module in targets], ids)
+        calibration_tokens = ids.numel()
+    layers, skipped, untied = [], [], []
+    for (name, module), gram in zip(targets, grams or [None] * len(targets), strict=True):
+        start = time.perf_counter()
+        weight = dense_weight(module).to(torch.float64)
+        out_features, in_features = weight.shape
+        dense_params = out_features * in_features
+        whiten, damping = (None, None) if gram is None else _cholesky(gram, cfg.damping)
+        matrix = weight if whiten is None else weight @ whiten
+        rank, factors = _factorise(matrix, cfg, name, ctx.seed)
+        if rank * (out_features + in_features) >= dense_params:
+            skipped.append({
+                "name": name, "shape": [out_features, in_features], "rank": rank,
+                "reason": f"rank {rank} x ({out_features} + {in_features}) = "
+                          f"{rank * (out_features + in_features)} params >= {dense_params} dense",
+            })
+            ctx.log(f"  {name}: {out_features}x{in_features} kept dense (rank {rank} saves nothing)")
+            continue
+        u, v = factors
+        if whiten is not None:
+            v = torch.linalg.solve_triangular(whiten, v, upper=False, left=False)  # Vᵀ S⁻¹
+        dtype = module.weight.dtype
+        new = LowRankLinear.from_factors(u.to(dtype), v.to(dtype), getattr(module, "bias", None))
+        entry = {
+            "name": name,
+            "shape": [out_features, in_features],
+            "rank": rank,
+            "params_before": dense_params,
+            "params_after": rank * (out_features + in_features),
+            "rel_error": round(_relative(weight - u @ v, weight), 6),
+        }
+        if gram is not None:
+            plain = _factorise(weight, cfg, name, ctx.seed, rank=rank)[1]
+            entry["rel_output_error"] = round(_relative(weight - u @ v, weight, gram), 6)
+            entry["rel_output_error_plain"] = round(_relative(weight - plain[0] @ plain[1], weight, gram), 6)
+            entry["damping"] = float(f"{damping:.3g}")
+        entry["seconds"] = round(time.perf_counter() - start, 3)
+        layers.append(entry)
+        replace_module(model, name, new)
+        if name in tied:
+            untied.append(name)
+            model.config.tie_word_embeddings = False
+        ctx.log(
+            f"  {name}: {out_features}x{in_features} -> rank {rank}, rel. weight error {entry['rel_error']:.4f}"
+            + (f", output error {entry['rel_output_error']:.4f} (plain SVD: {entry['rel_output_error_plain']:.4f})"
+               if gram is not None else "")
+        )
+    return {
+        "rule": cfg.rule(),
+        "activation_aware": cfg.activation_aware,
+        "randomized": cfg.randomized,
+        "calibration_tokens": calibration_tokens,
+        "layers": layers,
+        "skipped": skipped,
+        "untied": untied,
+        "params_replaced": sum(layer["params_before"] for layer in layers),
+        "params_after": sum(layer["params_after"] for layer in layers),
+    }
+
+
+def choose_rank(singular_values: torch.Tensor | None, out_features: int, in_features: int,
+                cfg: LowRankConfig, name: str = "") -> int:
+    """The rank `cfg` asks for on an (out, in) layer; `singular_values` (descending) are needed for energy."""
+    if cfg.rank is not None:
+        return cfg.rank
+    if cfg.ratio is not None:
+        # The small epsilon keeps an exact product (e.g. 16.0) from flooring to 15 through rounding.
+        rank = math.floor(cfg.ratio * out_features * in_features / (out_features + in_features) + 1e-9)
+        if rank < 1:
+            smallest = (out_features + in_features) / (out_features * in_features)
+            raise LlmshrinkError(
+                f"low_rank: {name}: ratio {cfg.ratio} gives rank 0 for {out_features}x{in_features}; "
+                f"rank 1 needs ratio >= {smallest:.4g}"
+            )
+        return rank
+    power = singular_values.to(torch.float64) ** 2
+    total = power.sum()
+    if total == 0:
+        return 1
+    share = power.cumsum(0) / total
+    # Smallest k with share[k-1] >= energy; the tolerance lets energy 1.0 stop at the last nonzero value.
+    return min(int((share < cfg.energy - 1e-12).sum()) + 1, power.numel())
+
+
+@torch.no_grad()
+def input_grams(model: nn.Module, modules: list[nn.Module], token_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Σ x xᵀ (float64, in x in) of each module's inputs over `token_ids`, run through the model in windows."""
+    from llmshrink.eval.perplexity import max_positions
+
+    device = next(model.parameters()).device
+    sizes = [dense_weight(m).shape[1] for m in modules]
+    grams = [torch.zeros(n, n, dtype=torch.float64, device=device) for n in sizes]
+
+    def hook(gram):
+        def accumulate(_module, args):
+            x = args[0].detach().reshape(-1, gram.shape[0]).to(torch.float64)
+            gram.addmm_(x.T, x)
+        return accumulate
+
+    handles = [m.register_forward_pre_hook(hook(gram)) for m, gram in zip(modules, grams, strict=True)]
+    window = min(CALIBRATION_WINDOW, max_positions(model) or CALIBRATION_WINDOW)
+    ids = torch.as_tensor(token_ids).reshape(-1).long()
+    full = ids.numel() // window
+    chunks = list(ids[: full * window].view(full, window).split(CALIBRATION_BATCH))
+    if ids.numel() > full * window:
+        chunks.append(ids[full * window:][None])
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in tqdm(chunks, desc="calibration", unit="batch", leave=False):
+            model(input_ids=chunk.to(device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def _check_targets(model: nn.Module, targets, cfg: LowRankConfig) -> set[str]:
+    """Refuse tied targets (unless untie) and ranks that no target can hold; return the tied names."""
+    tied = set()
+    for name, module in targets:
+        tied_to = shared_weight_names(model, name)
+        if tied_to and cfg.tied_embeddings == "refuse":
+            raise LlmshrinkError(
+                f"low_rank.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
+                "exclude it, or set tied_embeddings: untie to compress it alone (the other stays dense)"
+            )
+        if tied_to:
+            tied.add(name)
+        out_features, in_features = dense_weight(module).shape
+        if cfg.rank is not None and cfg.rank > min(out_features, in_features):
+            raise LlmshrinkError(
+                f"low_rank: {name}: rank {cfg.rank} exceeds min({out_features}, {in_features}) = "
+                f"{min(out_features, in_features)}"
+            )
+    return tied
+
+
+def _factorise(matrix: torch.Tensor, cfg: LowRankConfig, name: str, seed: int, rank: int | None = None):
+    """(rank, (U√Σ, √ΣVᵀ)) of `matrix` at `rank` or the rank cfg chooses; factors None if it saves nothing."""
+    out_features, in_features = matrix.shape
+    if not cfg.randomized:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        rank = rank or choose_rank(s, out_features, in_features, cfg, name)
+        root = s[:rank].sqrt()
+        return rank, (u[:, :rank] * root, root[:, None] * vh[:rank])
+    if rank is None:
+        # Energy needs the whole spectrum; singular values alone still cost less than a full SVD.
+        spectrum = torch.linalg.svdvals(matrix) if cfg.energy is not None else None
+        rank = choose_rank(spectrum, out_features, in_features, cfg, name)
+    if rank * (out_features + in_features) >= out_features * in_features:
+        return rank, None
+    sketch = min(rank + cfg.oversample, out_features, in_features)
+    with torch.random.fork_rng(devices=[matrix.device] if matrix.device.type == "cuda" else []):
+        torch.manual_seed(seed)  # the sketch is random: same seed, same factors
+        u, s, v = torch.svd_lowrank(matrix, q=sketch, niter=cfg.power_iters)
+    root = s[:rank].sqrt()
+    return rank, (u[:, :rank] * root, root[:, None] * v[:, :rank].T)
+
+
+def _cholesky(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """Lower S with S Sᵀ = XXᵀ + λI; λ starts at damping·mean(diag) and grows x10 until XXᵀ + λI factors."""
+    scale = float(gram.diagonal().mean())
+    lam = damping * (scale if scale > 0 else 1.0)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        if int(info) == 0:
+            return factor, lam
+        lam *= 10
+    raise LlmshrinkError(f"low_rank: input statistics do not factor even with damping {lam:.3g}")
+
+
+def _relative(error: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor | None = None) -> float:
+    """||E|| / ||W||, or with `gram` = XXᵀ the output error ||E X|| / ||W X|| = sqrt(tr(E XXᵀ Eᵀ) / tr(W XXᵀ Wᵀ))."""
+    if gram is None:
+        return float(error.norm() / weight.norm().clamp_min(1e-30))
+    num = ((error @ gram) * error).sum()
+    den = ((weight @ gram) * weight).sum()
+    return float((num.clamp_min(0) / den.clamp_min(1e-30)).sqrt())
+
+
+register_pass("low_rank", LowRankConfig, apply)

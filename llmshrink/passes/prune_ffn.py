@@ -1,0 +1,324 @@
+"""prune_ffn pass: remove whole FFN neurons by importance, physically shrinking the intermediate size.
+
+Neuron j of a feed-forward block is row j of its input projection(s) and column j of its output
+projection; the activation between them acts on each neuron alone, so dropping the row(s) and the
+column removes exactly that neuron's contribution:
+
+    Llama / SwiGLU   mlp.gate_proj, mlp.up_proj rows    mlp.down_proj columns
+    GPT-2            mlp.c_fc (Conv1D) output columns    mlp.c_proj (Conv1D) input rows
+    BERT             intermediate.dense rows             output.dense columns
+
+Pruned layers become PrunedLinear (a plain nn.Linear of the smaller shape), which checkpoints rebuild
+before loading, so each block may keep a different number of neurons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from llmshrink.context import Context
+from llmshrink.errors import LlmshrinkError
+from llmshrink.modules.kronecker import dense_weight
+from llmshrink.modules.pruned import PrunedLinear
+from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.registry import register_pass
+from llmshrink.targeting import is_dense_layer, layer_index, replace_module
+
+SUPPORTED = (
+    "Llama-family (mlp.gate_proj/up_proj/down_proj), GPT-2 (mlp.c_fc/c_proj), "
+    "BERT-family (intermediate.dense/output.dense)"
+)
+
+
+class PruneFfnConfig(PassConfig):
+    importance: Literal["magnitude", "activation", "taylor"] = Field(
+        "activation",
+        description="magnitude: |in rows| x |out column|; activation: mean |activation| on calibration tokens; "
+        "taylor: sum over calibration tokens of |activation x gradient| of the LM loss",
+    )
+    keep: float | None = Field(None, gt=0.0, le=1.0, description="share of neurons kept (0.5 unless ratio is set)")
+    ratio: float | None = Field(None, gt=0.0, le=1.0, description="share of FFN parameters kept, instead of keep")
+    scope: Literal["per_layer", "global"] = Field(
+        "per_layer", description="per_layer: the same share in every block; global: rank scores (divided by "
+        "their block's mean) across blocks"
+    )
+    min_keep: int = Field(1, ge=1, description="neurons every block keeps at least")
+    multiple_of: int = Field(1, ge=1, description="kept neurons per block are a multiple of this (e.g. 8)")
+    layers: list[int] | None = Field(None, description="only these block indices")
+    calibration_tokens: int = Field(2048, ge=16, description="tokens (from data:) for activation / taylor")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneFfnConfig:
+        if self.keep is not None and self.ratio is not None:
+            raise ValueError("set keep (share of neurons) or ratio (share of FFN parameters), not both")
+        return self
+
+
+@dataclass(frozen=True)
+class FfnBlock:
+    name: str  # e.g. model.layers.3.mlp, or bert.encoder.layer.3 for BERT
+    family: str  # llama | gpt2 | bert
+    inputs: tuple[str, ...]  # layers whose output rows are the neurons
+    output: str  # the layer whose input columns are the neurons
+
+
+def apply(model, cfg: PruneFfnConfig, ctx: Context) -> PassRecord:
+    blocks = find_ffn_blocks(model, cfg.layers)
+    sizes = {block.name: neuron_count(model, block) for block in blocks}
+    tokens = None
+    if cfg.importance == "magnitude":
+        scores = magnitude_scores(model, blocks)
+    else:
+        if cfg.importance == "taylor" and blocks[0].family == "bert":
+            raise LlmshrinkError(
+                f"prune_ffn.importance: 'taylor' needs a causal LM loss and {type(model).__name__} is an "
+                "encoder; use 'activation' or 'magnitude'"
+            )
+        ids = ctx.train_token_ids()[: cfg.calibration_tokens]
+        tokens = int(ids.numel())
+        ctx.log(f"  {cfg.importance} importance on {tokens} calibration tokens")
+        scores = calibration_scores(model, blocks, ids, taylor=cfg.importance == "taylor")
+    params = {block.name: block_params(model, block) for block in blocks}
+    # Parameters per neuron, and those that stay whatever the count (the output bias).
+    fixed = {block.name: _bias_numel(model.get_submodule(block.output)) for block in blocks}
+    unit = {name: (params[name] - fixed[name]) / sizes[name] for name in params}
+    if cfg.ratio is not None:
+        kept = select_neurons(scores, cfg.ratio, cfg.scope, cfg.min_keep, cfg.multiple_of, unit, fixed)
+    else:
+        share = 0.5 if cfg.keep is None else cfg.keep
+        kept = select_neurons(scores, share, cfg.scope, cfg.min_keep, cfg.multiple_of)
+
+    layers = []
+    for block in blocks:
+        keep, total = kept[block.name], sizes[block.name]
+        if keep.numel() < total:  # a block keeping every neuron stays as it is
+            prune_block(model, block, keep)
+        pruned = sorted(set(range(total)) - set(keep.tolist()))
+        layers.append({
+            "name": block.name, "kept": int(keep.numel()), "total": total,
+            "params_before": params[block.name], "params_after": block_params(model, block), "pruned": pruned,
+        })
+        ctx.log(f"  {block.name}: {keep.numel()}/{total} neurons kept")
+    return {
+        "family": blocks[0].family,
+        "importance": cfg.importance,
+        "scope": cfg.scope,
+        "calibration_tokens": tokens,
+        "neurons_before": sum(layer["total"] for layer in layers),
+        "neurons_after": sum(layer["kept"] for layer in layers),
+        "params_before": sum(layer["params_before"] for layer in layers),
+        "params_after": sum(layer["params_after"] for layer in layers),
+        "layers": layers,
+    }
+
+
+# --- structure -------------------------------------------------------------------------------------
+
+
+def find_ffn_blocks(model: nn.Module, layers: list[int] | None = None) -> list[FfnBlock]:
+    """Every FFN block of a supported family, in model order (only blocks `layers` when given)."""
+    blocks = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            block = FfnBlock(name, "llama", (f"{prefix}gate_proj", f"{prefix}up_proj"), f"{prefix}down_proj")
+        elif hasattr(module, "c_fc") and hasattr(module, "c_proj"):
+            block = FfnBlock(name, "gpt2", (f"{prefix}c_fc",), f"{prefix}c_proj")
+        elif hasattr(getattr(module, "intermediate", None), "dense") and hasattr(getattr(module, "output", None), "dense"):
+            block = FfnBlock(name, "bert", (f"{prefix}intermediate.dense",), f"{prefix}output.dense")
+        else:
+            continue
+        blocks.append(block)
+    if not blocks:
+        raise LlmshrinkError(f"prune_ffn: {type(model).__name__} is not supported; supported: {SUPPORTED}")
+    if layers is not None:
+        present = [layer_index(block.name) for block in blocks]
+        blocks = [block for block in blocks if layer_index(block.name) in layers]
+        if not blocks:
+            raise LlmshrinkError(
+                f"prune_ffn.layers: {layers} match no FFN block; {type(model).__name__} has blocks {present}"
+            )
+    for block in blocks:
+        for name in (*block.inputs, block.output):
+            module = model.get_submodule(name)
+            if not is_dense_layer(module):
+                raise LlmshrinkError(
+                    f"prune_ffn: {name} is a {type(module).__name__}, not Linear/Conv1D; "
+                    "run prune_ffn before passes that replace it"
+                )
+    return blocks
+
+
+def neuron_count(model: nn.Module, block: FfnBlock) -> int:
+    counts = {dense_weight(model.get_submodule(name)).shape[0] for name in block.inputs}
+    counts.add(dense_weight(model.get_submodule(block.output)).shape[1])
+    if len(counts) != 1:
+        raise LlmshrinkError(f"prune_ffn: {block.name}: projections disagree on the neuron count: {sorted(counts)}")
+    return counts.pop()
+
+
+def block_params(model: nn.Module, block: FfnBlock) -> int:
+    return sum(p.numel() for name in (*block.inputs, block.output) for p in model.get_submodule(name).parameters())
+
+
+def _bias_numel(module: nn.Module) -> int:
+    return module.bias.numel() if getattr(module, "bias", None) is not None else 0
+
+
+def prune_block(model: nn.Module, block: FfnBlock, keep: torch.Tensor) -> None:
+    """Keep neurons `keep` (sorted indices): rows of the input projections, columns of the output one."""
+    for name in block.inputs:
+        replace_module(model, name, PrunedLinear.from_linear(model.get_submodule(name), keep_out=keep))
+    replace_module(model, block.output, PrunedLinear.from_linear(model.get_submodule(block.output), keep_in=keep))
+
+
+# --- importance ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def magnitude_scores(model: nn.Module, blocks: list[FfnBlock]) -> dict[str, torch.Tensor]:
+    """Product of the L2 norms of the neuron's input row(s) (gate and up for SwiGLU) and its output column."""
+    scores = {}
+    for block in blocks:
+        score = dense_weight(model.get_submodule(block.output)).double().norm(dim=0)
+        for name in block.inputs:
+            score = score * dense_weight(model.get_submodule(name)).double().norm(dim=1)
+        scores[block.name] = score.cpu()
+    return scores
+
+
+def calibration_scores(
+    model: nn.Module, blocks: list[FfnBlock], ids: torch.Tensor, taylor: bool
+) -> dict[str, torch.Tensor]:
+    """Mean |a| (activation) or Σ|a·∂L/∂a| (taylor) per neuron, a being the output projection's input."""
+    ids = torch.as_tensor(ids).reshape(-1).long()
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or ids.numel()
+    window = max(1, min(256, ids.numel(), positions))
+    device = next(model.parameters()).device
+    sums = {block.name: torch.zeros(neuron_count(model, block), dtype=torch.float64) for block in blocks}
+    acts: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(module, args):
+            x = args[0]
+            if taylor and not x.requires_grad:
+                # A frozen model builds no graph: make the first activation a leaf; later ones depend on it.
+                x = x.detach().requires_grad_()
+            acts[name] = x
+            return (x, *args[1:])
+
+        return hook
+
+    handles = [model.get_submodule(b.output).register_forward_pre_hook(capture(b.name)) for b in blocks]
+    was_training = model.training
+    model.eval()
+    counted = 0
+    try:
+        for start in range(0, ids.numel(), window):
+            chunk = ids[start : start + window].to(device)
+            if taylor and chunk.numel() < 2:
+                continue  # nothing to predict
+            with torch.set_grad_enabled(taylor):
+                out = model(input_ids=chunk[None])
+                if taylor:
+                    logits = getattr(out, "logits", None)
+                    if logits is None:
+                        raise LlmshrinkError(
+                            f"prune_ffn.importance: 'taylor' needs LM logits; {type(model).__name__} has no LM "
+                            "head; use 'activation' or 'magnitude'"
+                        )
+                    loss = F.cross_entropy(logits[0, :-1].float(), chunk[1:], reduction="sum")
+                    found = [acts[b.name] for b in blocks]
+                    grads = torch.autograd.grad(loss, found, allow_unused=True)
+                    for block, act, grad in zip(blocks, found, grads, strict=True):
+                        if grad is not None:
+                            sums[block.name] += _token_sum((act * grad).abs())
+                else:
+                    for block in blocks:
+                        sums[block.name] += _token_sum(acts[block.name].abs())
+            counted += chunk.numel()
+            acts.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return sums if taylor else {name: total / max(counted, 1) for name, total in sums.items()}
+
+
+def _token_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().double().reshape(-1, x.shape[-1]).sum(0).cpu()
+
+
+# --- budget ----------------------------------------------------------------------------------------
+
+
+def select_neurons(
+    scores: dict[str, torch.Tensor],
+    share: float,
+    scope: str,
+    min_keep: int = 1,
+    multiple_of: int = 1,
+    unit_cost: dict[str, float] | None = None,
+    fixed: dict[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sorted indices of the neurons each block keeps.
+
+    Budget: the kept neurons cost at most `share` of the blocks' cost, where a block costs
+    n·unit_cost + fixed (default 1 and 0: a share of neurons; parameters per neuron and the output
+    bias: a share of parameters). per_layer applies it to each block alone; global spends it across
+    blocks, best score first, after each block has its `min_keep`. Neurons are taken in groups of
+    `multiple_of` (by score), so kept counts are multiples of it (or the whole block).
+    """
+    unit_cost = unit_cost or dict.fromkeys(scores, 1.0)
+    fixed = fixed or dict.fromkeys(scores, 0.0)
+
+    def budget(names) -> float:
+        return share * sum(scores[n].numel() * unit_cost[n] + fixed[n] for n in names) - sum(fixed[n] for n in names)
+
+    if scope == "per_layer":
+        return {
+            name: _greedy({name: scores[name]}, unit_cost, budget([name]), min_keep, multiple_of)[name]
+            for name in scores
+        }
+    return _greedy(scores, unit_cost, budget(list(scores)), min_keep, multiple_of)
+
+
+def _greedy(scores, unit_cost, budget: float, min_keep: int, multiple_of: int) -> dict[str, torch.Tensor]:
+    order, taken, chunks = {}, {}, []
+    spent = 0.0
+    for position, (name, score) in enumerate(scores.items()):
+        score = score.double().cpu()
+        n = score.numel()
+        order[name] = torch.sort(score, descending=True, stable=True).indices
+        mean = score.mean()
+        ranked = score[order[name]] / (mean if mean > 0 else 1.0)  # comparable across blocks
+        taken[name] = min(n, -(-min_keep // multiple_of) * multiple_of)
+        spent += taken[name] * unit_cost[name]
+        starts = list(range(taken[name], n, multiple_of))
+        if starts:
+            means = torch.stack([ranked[s : s + multiple_of].mean() for s in starts])
+            means = torch.cummin(means, 0).values  # never rank a later group of a block above an earlier one
+            for mean_score, start in zip(means.tolist(), starts, strict=True):
+                chunks.append((-mean_score, position, start, name, min(multiple_of, n - start)))
+    chunks.sort()  # best group first; ties: earlier block, then earlier group
+    closed = set()
+    slack = 1e-9 * max(1.0, abs(budget))  # float rounding of share x size
+    for _, _, start, name, size in chunks:
+        if name in closed:
+            continue
+        cost = size * unit_cost[name]
+        if start == taken[name] and spent + cost <= budget + slack:
+            taken[name] += size
+            spent += cost
+        else:
+            closed.add(name)  # a block keeps a prefix of its ranking: no later group either
+    return {name: order[name][: taken[name]].sort().values for name in scores}
+
+
+register_pass("prune_ffn", PruneFfnConfig, apply)

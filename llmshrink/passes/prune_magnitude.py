@@ -1,0 +1,249 @@
+"""Magnitude pruning pass: remove the smallest weights, one-shot or gradually (Zhu & Gupta, 2017).
+
+Each target becomes a SparseLinear that stores only its kept weights plus a one-bit-per-weight mask,
+so the size on disk really drops (fp32 at 50% sparsity: 2.125 instead of 4 bytes per weight).
+
+    one_shot   prune every target to `sparsity` at once.
+    gradual    `prune_steps` rounds t = 1..n: prune to s_t = s_f + (s_i - s_f)(1 - t/n)^3, then
+               distil for `steps_per_round` steps (the `distill` pass, settings from `distill:`).
+
+`scope: per_layer` removes the same fraction from every target; `scope: global` ranks all targets'
+weights together, so layers with many small weights lose more. During gradual training the layers are
+already SparseLinear: pruned weights are not stored at all, so they stay exactly zero whatever the
+optimizer does, and later rounds only prune among the survivors.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from llmshrink.context import Context
+from llmshrink.errors import LlmshrinkError
+from llmshrink.modules.sparse import SparseLinear, dense_weight
+from llmshrink.passes import distill as distill_pass
+from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.registry import register_pass
+from llmshrink.targeting import find_targets, replace_module, shared_weight_names
+
+_GRADUAL_ONLY = ("initial_sparsity", "prune_steps", "steps_per_round", "distill")
+
+
+class RoundDistillConfig(distill_pass.DistillConfig):
+    """The distill settings of every round; `steps` comes from the pass's steps_per_round."""
+
+    steps: int | None = Field(None, description="set by prune_magnitude.steps_per_round")
+
+    @field_validator("steps")
+    @classmethod
+    def _no_steps(cls, steps: int | None) -> int | None:
+        if steps is not None:
+            raise PydanticCustomError("round_steps", "set by prune_magnitude.steps_per_round; remove it")
+        return steps
+
+
+class PruneMagnitudeConfig(PassConfig):
+    targets: str = Field(
+        r".*\.\d+\..*", description="regex over full module names (Linear or Conv1D); default: every block layer"
+    )
+    exclude: str | None = Field(None, description="regex of module names to leave dense")
+    layers: list[int] | None = Field(None, description="only these block indices")
+    sparsity: float = Field(..., ge=0.0, lt=1.0, description="fraction of the targets' weights to remove (final)")
+    scope: Literal["per_layer", "global"] = Field(
+        "per_layer", description="each target pruned to `sparsity`, or one magnitude ranking over all targets"
+    )
+    schedule: Literal["one_shot", "gradual"] = Field(
+        "one_shot", description="prune at once, or in rounds with distillation in between (Zhu & Gupta)"
+    )
+    initial_sparsity: float = Field(
+        0.0, ge=0.0, lt=1.0, description="gradual: s_i, where the cubic curve starts (t = 0, before round 1)"
+    )
+    prune_steps: int | None = Field(None, ge=1, description="gradual: number of prune + distill rounds")
+    steps_per_round: int | None = Field(None, ge=1, description="gradual: distill optimizer steps after each prune")
+    distill: RoundDistillConfig | None = Field(
+        None, description="gradual: distill settings for every round (default: the distill pass's defaults)"
+    )
+    tied_embeddings: Literal["refuse", "untie"] = Field(
+        "refuse", description="what to do with a target whose weight is tied to another module"
+    )
+
+    @model_validator(mode="after")
+    def _schedule_fields(self) -> PruneMagnitudeConfig:
+        if self.schedule == "one_shot":
+            given = [key for key in _GRADUAL_ONLY if key in self.model_fields_set]
+            if given:
+                raise PydanticCustomError(
+                    "one_shot_fields", f"{', '.join(given)}: only for schedule: gradual"
+                )
+            return self
+        missing = [key for key in ("prune_steps", "steps_per_round") if getattr(self, key) is None]
+        if missing:
+            raise PydanticCustomError("gradual_fields", f"schedule: gradual needs {' and '.join(missing)}")
+        if self.initial_sparsity > self.sparsity:
+            raise PydanticCustomError(
+                "gradual_sparsity",
+                f"initial_sparsity {self.initial_sparsity} exceeds the final sparsity {self.sparsity}",
+            )
+        return self
+
+
+def cubic_schedule(initial: float, final: float, rounds: int) -> list[float]:
+    """Zhu & Gupta's sparsity after each round t = 1..n: s_f + (s_i - s_f)(1 - t/n)^3 (the last is s_f)."""
+    return [final + (initial - final) * (1 - t / rounds) ** 3 for t in range(1, rounds + 1)]
+
+
+def smallest(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, float | None]:
+    """(bool mask of exactly `count` lowest-scoring entries of a 1-D tensor, the highest score among them).
+
+    Ties at the threshold are broken by position (earlier first), so the count is always exact.
+    """
+    prune = torch.zeros_like(scores, dtype=torch.bool)
+    if count == 0:
+        return prune, None
+    threshold = scores.kthvalue(count).values
+    prune |= scores < threshold
+    ties = (scores == threshold).nonzero().flatten()
+    prune[ties[: count - int(prune.sum())]] = True
+    return prune, float(threshold)
+
+
+def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
+    targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers)
+    untied = _check_tied(model, targets, cfg)
+    if cfg.schedule == "gradual" and not (hasattr(model, "can_generate") and model.can_generate()):
+        raise LlmshrinkError(
+            f"prune_magnitude.schedule: gradual distils between rounds and {type(model).__name__} is not a "
+            "causal language model; use schedule: one_shot"
+        )
+    names = [name for name, _ in targets]
+    before = {name: (list(dense_weight(m).shape), dense_weight(m).numel() * dense_weight(m).element_size())
+              for name, m in targets}
+    if cfg.schedule == "one_shot":
+        schedule = [cfg.sparsity]
+    else:
+        schedule = cubic_schedule(cfg.initial_sparsity, cfg.sparsity, cfg.prune_steps)
+    rounds, thresholds = [], {}
+    work_dir = ctx.work_dir
+    try:
+        for t, target in enumerate(schedule, 1):
+            start = time.perf_counter()
+            thresholds = _prune(model, names, target, cfg.scope)
+            if untied:
+                model.config.tie_word_embeddings = False
+            sparse = [model.get_submodule(name) for name in names]
+            kept = sum(layer.nnz for layer in sparse)
+            total = sum(layer.in_features * layer.out_features for layer in sparse)
+            step = {"round": t, "target_sparsity": round(target, 6), "sparsity": round(1 - kept / total, 6),
+                    "nnz": kept, "prune_seconds": round(time.perf_counter() - start, 3)}
+            if cfg.scope == "global":
+                step["threshold"] = thresholds[names[0]]
+            ctx.log(f"prune_magnitude: round {t}/{len(schedule)}: sparsity {step['sparsity']:.4f} "
+                    f"({kept:,} of {total:,} weights kept)")
+            if cfg.schedule == "gradual":
+                if work_dir is not None:  # each round's distillation resumes from its own folder
+                    ctx.work_dir = work_dir / f"round-{t}"
+                settings = (cfg.distill or RoundDistillConfig()).model_dump(exclude={"steps"})
+                step["distill"] = distill_pass.apply(
+                    model, distill_pass.DistillConfig(**settings, steps=cfg.steps_per_round), ctx
+                )
+                if ctx.evaluate is not None and t < len(schedule):  # the engine measures after the last
+                    step["perplexity"] = ctx.evaluate(model)
+                    ctx.log(f"prune_magnitude: perplexity after round {t}: {step['perplexity']:.2f}")
+            rounds.append(step)
+    finally:
+        ctx.work_dir = work_dir
+    layers = [_layer_record(name, model.get_submodule(name), *before[name], thresholds[name]) for name in names]
+    params = sum(x["params"] for x in layers)
+    nnz = sum(x["nnz"] for x in layers)
+    bytes_before = sum(x["bytes_before"] for x in layers)
+    bytes_after = sum(x["bytes_after"] for x in layers)
+    return {
+        "sparsity": round(1 - nnz / params, 6),
+        "target_sparsity": cfg.sparsity,
+        "scope": cfg.scope,
+        "schedule": cfg.schedule,
+        "initial_sparsity": cfg.initial_sparsity if cfg.schedule == "gradual" else None,
+        "sparsity_per_round": [x["target_sparsity"] for x in rounds],
+        "rounds": rounds,
+        "storage": "values in the weight dtype + 1-bit mask packed into uint8",
+        "layers": layers,
+        "untied": untied,
+        "params": params,
+        "nnz": nnz,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "ratio": round(bytes_after / bytes_before, 6),
+    }
+
+
+def _check_tied(model, targets, cfg: PruneMagnitudeConfig) -> list[str]:
+    """Refuse (before changing anything) or list the targets whose weight is tied to another module."""
+    untied = []
+    for name, _ in targets:
+        tied_to = shared_weight_names(model, name)
+        if tied_to and cfg.tied_embeddings == "refuse":
+            raise LlmshrinkError(
+                f"prune_magnitude.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
+                "exclude it, or set tied_embeddings: untie to prune it alone (the other stays dense)"
+            )
+        if tied_to:
+            untied.append(name)
+    return untied
+
+
+@torch.no_grad()
+def _prune(model, names: list[str], sparsity: float, scope: str) -> dict[str, float | None]:
+    """Replace every named layer (dense or SparseLinear) by a SparseLinear at `sparsity`; the thresholds.
+
+    Already-pruned weights score -1, below every magnitude, so they are counted first and stay pruned.
+    """
+    modules = {name: model.get_submodule(name) for name in names}
+    scores = {}
+    for name, module in modules.items():
+        if isinstance(module, SparseLinear):
+            scores[name] = torch.where(module.kept(), module.to_dense().abs().float(), -1.0).flatten()
+        else:
+            scores[name] = dense_weight(module).abs().float().flatten()
+    prune: dict[str, torch.Tensor] = {}
+    thresholds: dict[str, float | None] = {}
+    if scope == "global":
+        everything = torch.cat(list(scores.values()))
+        pruned, threshold = smallest(everything, round(sparsity * everything.numel()))
+        for name, part in zip(names, pruned.split([s.numel() for s in scores.values()]), strict=True):
+            prune[name], thresholds[name] = part, threshold
+    else:
+        for name, score in scores.items():
+            prune[name], thresholds[name] = smallest(score, round(sparsity * score.numel()))
+    # -1: this round only met weights pruned before (its sparsity did not grow), so it pruned nothing new.
+    thresholds = {name: None if t is None or t < 0 else t for name, t in thresholds.items()}
+    for name, module in modules.items():
+        shape = (module.out_features, module.in_features) if isinstance(module, SparseLinear) else \
+            tuple(dense_weight(module).shape)
+        replace_module(model, name, SparseLinear.from_linear(module, ~prune[name].view(shape)))
+    return thresholds
+
+
+def _layer_record(name: str, layer: SparseLinear, shape: list[int], bytes_before: int,
+                  threshold: float | None) -> dict:
+    values_bytes = layer.values.numel() * layer.values.element_size()
+    mask_bytes = layer.mask.numel() * layer.mask.element_size()
+    params = layer.in_features * layer.out_features
+    return {
+        "name": name,
+        "shape": shape,
+        "params": params,
+        "nnz": layer.nnz,
+        "sparsity": round(1 - layer.nnz / params, 6),
+        "threshold": threshold,  # the largest pruned magnitude in the last round (None: nothing pruned)
+        "values_bytes": values_bytes,
+        "mask_bytes": mask_bytes,
+        "bytes_before": bytes_before,
+        "bytes_after": values_bytes + mask_bytes,
+    }
+
+
+register_pass("prune_magnitude", PruneMagnitudeConfig, apply)

@@ -1,0 +1,320 @@
+"""share_layers pass (MobileLLM layer sharing): several positions of the block stack run one block.
+
+The depth (config.num_hidden_layers, the number of positions) stays; the unique blocks, and so the
+parameters, shrink. `share_map[i]` names the block position i runs:
+
+    mode: repeat   MobileLLM's immediate block-wise repeat: [0, 0, 2, 2, 4, 4, ...] (every other block kept,
+                   each run twice; an odd last block runs once)
+    mode: map      an explicit share_map, one original block index per position
+    mode: select   merge the most similar adjacent blocks until `unique_blocks` remain; similarity is the
+                   cosine of their flattened weights (select: weights), or of what they add to the residual
+                   stream when both run on the second one's input from calibration text (select: outputs)
+
+The positions that run one block form a group; its first position holds the block, the others a
+SharedBlockRef to it (llmshrink/modules/shared_block.py), so each shared tensor exists, trains and is
+saved once. The block is the named original (init: first) or the mean of the original blocks at the
+group's positions (init: average).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from llmshrink.context import Context
+from llmshrink.errors import LlmshrinkError
+from llmshrink.modules.shared_block import SharedBlockRef
+from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.registry import register_pass
+
+# Where each family keeps its blocks, relative to the base model (model.model, model.transformer, model.bert).
+BLOCK_LISTS = (("layers", "Llama-family"), ("h", "GPT-2"), ("encoder.layer", "BERT-family"))
+SUPPORTED = "Llama-family (model.layers), GPT-2 (transformer.h), BERT-family (encoder.layer)"
+
+
+class ShareLayersConfig(PassConfig):
+    mode: Literal["repeat", "map", "select"] | None = Field(
+        None, description="repeat: [0,0,2,2,...]; map: share_map; select: merge similar neighbours down to "
+        "unique_blocks (default: map if share_map is set, select if unique_blocks is, else repeat)"
+    )
+    share_map: list[int] | None = Field(None, description="for each position, the original block it runs")
+    unique_blocks: int | None = Field(None, ge=1, description="select: how many distinct blocks remain")
+    select: Literal["weights", "outputs"] = Field(
+        "weights", description="select: cosine of adjacent blocks' flattened weights, or of their outputs "
+        "(residual updates) on calibration tokens"
+    )
+    selection_tokens: int = Field(
+        2048, ge=16, description="calibration tokens (from data:) for select: outputs"
+    )
+    init: Literal["first", "average"] = Field(
+        "first",
+        description="a shared block is the block share_map names, or the mean of its positions' blocks",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ShareLayersConfig:
+        if self.share_map is not None and self.unique_blocks is not None:
+            raise ValueError("set share_map (mode: map) or unique_blocks (mode: select), not both")
+        mode = self.resolved_mode
+        if mode == "map" and self.share_map is None:
+            raise ValueError("mode: map needs share_map")
+        if mode == "select" and self.unique_blocks is None:
+            raise ValueError("mode: select needs unique_blocks")
+        if mode == "repeat" and (self.share_map is not None or self.unique_blocks is not None):
+            raise ValueError("mode: repeat takes neither share_map nor unique_blocks")
+        return self
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode is not None:
+            return self.mode
+        if self.share_map is not None:
+            return "map"
+        return "select" if self.unique_blocks is not None else "repeat"
+
+
+def apply(model: nn.Module, cfg: ShareLayersConfig, ctx: Context) -> PassRecord:
+    list_name, family, blocks = find_blocks(model)
+    count = len(blocks)
+    params_before = count_params(model)
+    block_params_before = sum(count_params(block) for block in blocks)
+    mode = cfg.resolved_mode
+    similarity, tokens = None, None
+    if mode == "repeat":
+        share_map = [i - i % 2 for i in range(count)]
+    elif mode == "map":
+        share_map = check_share_map(cfg.share_map, list_name, count)
+    else:
+        if cfg.unique_blocks > count:
+            raise LlmshrinkError(
+                f"share_layers.unique_blocks: {cfg.unique_blocks} exceeds the {count} blocks of {list_name}"
+            )
+        if cfg.select == "weights":
+            similarity = weight_similarity(blocks, list_name)
+        else:
+            ids = ctx.train_token_ids()[: cfg.selection_tokens]
+            tokens = int(ids.numel())
+            ctx.log(f"  comparing adjacent blocks' outputs on {tokens} calibration tokens")
+            similarity = output_similarity(model, blocks, ids)
+        share_map = merge_most_similar(similarity, cfg.unique_blocks)
+    groups = groups_of(share_map)
+    check_layer_types(model, groups)
+    share_blocks(model, list_name, blocks, share_map, cfg.init)
+    for source, positions in groups.items():
+        if len(positions) > 1:
+            ctx.log(f"  {list_name}: positions {positions} share block {source} ({cfg.init})")
+    block_params_after = sum(count_params(blocks[positions[0]]) for positions in groups.values())
+    return {
+        "mode": mode,
+        "family": family,
+        "blocks": list_name,
+        "positions": count,
+        "share_map": share_map,
+        "unique_blocks": len(groups),
+        "groups": list(groups.values()),
+        "init": cfg.init,
+        "similarity": None if similarity is None else {
+            "method": cfg.select,
+            "adjacent": [round(s, 6) for s in similarity],  # entry i: blocks i and i+1
+            "calibration_tokens": tokens,
+        },
+        "block_params_before": block_params_before,
+        "block_params_after": block_params_after,
+        "params_before": params_before,
+        "params_after": count_params(model),
+    }
+
+
+# --- structure -------------------------------------------------------------------------------------
+
+
+def find_blocks(model: nn.Module) -> tuple[str, str, nn.ModuleList]:
+    """(full name, family, the block list) of a supported model; refuses one that already shares."""
+    base = getattr(model, "base_model", model)
+    for relative, family in BLOCK_LISTS:
+        try:
+            blocks = base.get_submodule(relative)
+        except AttributeError:
+            continue
+        if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+            continue
+        name = next(n for n, m in model.named_modules() if m is blocks)
+        refs = [i for i, block in enumerate(blocks) if isinstance(block, SharedBlockRef)]
+        if refs:
+            raise LlmshrinkError(
+                f"share_layers: {name} already shares blocks (position {refs[0]} runs "
+                f"{blocks[refs[0]].target}); apply share_layers once"
+            )
+        return name, family, blocks
+    raise LlmshrinkError(f"share_layers: {type(model).__name__} is not supported; supported: {SUPPORTED}")
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # parameters() yields a shared tensor once
+
+
+def check_share_map(share_map: list[int], list_name: str, count: int) -> list[int]:
+    if len(share_map) != count:
+        raise LlmshrinkError(
+            f"share_layers.share_map: {len(share_map)} entries for the {count} positions of {list_name}; "
+            "give one block index per position"
+        )
+    for i, source in enumerate(share_map):
+        if not 0 <= source < count:
+            raise LlmshrinkError(
+                f"share_layers.share_map[{i}]: block {source} is out of range; "
+                f"{list_name} has blocks 0..{count - 1}"
+            )
+    return list(share_map)
+
+
+def groups_of(share_map: list[int]) -> dict[int, list[int]]:
+    """{original block: the positions that run it}, in order of first position."""
+    groups: dict[int, list[int]] = {}
+    for position, source in enumerate(share_map):
+        groups.setdefault(source, []).append(position)
+    return groups
+
+
+def check_layer_types(model: nn.Module, groups: dict[int, list[int]]) -> None:
+    """Refuse to share across positions the config gives different attention types (e.g. sliding windows)."""
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    if not types:
+        return
+    for positions in groups.values():
+        kinds = {types[p] for p in positions}
+        if len(kinds) > 1:
+            raise LlmshrinkError(
+                f"share_layers: positions {positions} have different layer types "
+                f"({', '.join(sorted(kinds))}) and cannot share one block"
+            )
+
+
+@torch.no_grad()
+def share_blocks(
+    model: nn.Module, list_name: str, blocks: nn.ModuleList, share_map: list[int], init: str
+) -> None:
+    """Put each group's block at its first position and a SharedBlockRef to it at the others."""
+    originals = list(blocks)
+    groups = groups_of(share_map)
+    if init == "average":  # check every group before changing any
+        for positions in groups.values():
+            members = [originals[p] for p in positions]
+            check_same_shapes(members, [f"{list_name}.{p}" for p in positions], "share_layers.init: average")
+    for source, positions in groups.items():
+        owner = positions[0]
+        block = originals[source]
+        if init == "average" and len(positions) > 1:
+            # Written into the owner's own original: groups' positions are disjoint, so no group reads
+            # a block another group has already overwritten.
+            block = originals[owner]
+            members = [originals[p] for p in positions]
+            for name, param in block.named_parameters():
+                mean = torch.stack([m.get_parameter(name).float() for m in members]).mean(0)
+                param.copy_(mean.to(param.dtype))
+        for module in block.modules():  # the KV-cache slot of the position that holds it
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = owner
+        blocks[owner] = block
+    for position, source in enumerate(share_map):
+        owner = groups[source][0]
+        if position != owner:
+            ref = SharedBlockRef(f"{list_name}.{owner}", position)
+            blocks[position] = ref
+            ref.bind(model)
+
+
+def check_same_shapes(members: list[nn.Module], names: list[str], field: str) -> None:
+    first = {name: tuple(p.shape) for name, p in members[0].named_parameters()}
+    for module, name in zip(members[1:], names[1:], strict=True):
+        shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+        if shapes != first:
+            differ = sorted(set(first) ^ set(shapes)) or [n for n in first if first[n] != shapes[n]]
+            raise LlmshrinkError(
+                f"{field}: {names[0]} and {name} differ at {differ[0]}; blocks must have the same parameter "
+                "shapes (use init: first, or share before passes that reshape blocks)"
+            )
+
+
+# --- which blocks to merge -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def weight_similarity(blocks: nn.ModuleList, list_name: str) -> list[float]:
+    """Cosine of the flattened parameters of blocks i and i+1, for each i."""
+    names = [f"{list_name}.{i}" for i in range(len(blocks))]
+    scores = []
+    for i in range(len(blocks) - 1):
+        check_same_shapes([blocks[i], blocks[i + 1]], names[i : i + 2], "share_layers.select: weights")
+        a, b = (_flat(blocks[j]) for j in (i, i + 1))
+        scores.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+    return scores
+
+
+@torch.no_grad()
+def output_similarity(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> list[float]:
+    """For each i: mean over tokens of the cosine between what blocks i and i+1 add to the residual stream,
+    both run on block i+1's input (can block i stand in for block i+1 where it would run a second time?)."""
+    ids = torch.as_tensor(ids).reshape(-1).long()
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or ids.numel()
+    window = max(1, min(256, ids.numel(), positions))
+    device = next(model.parameters()).device
+    calls: dict[int, tuple] = {}
+
+    def record(index: int):
+        def hook(module, args, kwargs, output):
+            calls[index] = (args, kwargs, output)
+
+        return hook
+
+    handles = [block.register_forward_hook(record(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    sums, counted = torch.zeros(len(blocks) - 1, dtype=torch.float64), 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, ids.numel(), window):
+            chunk = ids[start : start + window].to(device)
+            calls.clear()
+            # No cache: a block run again below must not append to the cache slot of its first run.
+            model(input_ids=chunk[None], use_cache=False)
+            replay = dict(calls)  # the replays below run hooked blocks too
+            for i in range(len(blocks) - 1):
+                args, kwargs, output = replay[i + 1]
+                hidden = args[0] if args else kwargs["hidden_states"]
+                other = blocks[i](*args, **kwargs)
+                own, alt = (_first(x).double() - hidden.double() for x in (output, other))
+                sums[i] += torch.nn.functional.cosine_similarity(own, alt, dim=-1).sum().item()
+            counted += chunk.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return (sums / max(counted, 1)).tolist()
+
+
+def _flat(block: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().double().reshape(-1) for p in block.parameters()])
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def merge_most_similar(similarity: list[float], unique_blocks: int) -> list[int]:
+    """Merge the most similar adjacent pairs until `unique_blocks` runs remain; each position runs the
+    first block of its run. Equivalently: cut at the unique_blocks - 1 least similar boundaries."""
+    count = len(similarity) + 1
+    ranked = sorted(range(count - 1), key=lambda i: (similarity[i], i))  # least similar first
+    cuts = set(ranked[: unique_blocks - 1])
+    share_map, first = [], 0
+    for position in range(count):
+        if position > 0 and position - 1 in cuts:
+            first = position
+        share_map.append(first)
+    return share_map
+
+
+register_pass("share_layers", ShareLayersConfig, apply)
