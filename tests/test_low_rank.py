@@ -336,3 +336,17 @@ def test_pass_errors_are_one_line():
         apply(tiny_gpt2(), LowRankConfig(targets="nothing", rank=4), ctx())
     with pytest.raises(LlmshrinkError, match=r"^this pass needs training text: add a `data:` section"):
         apply(tiny_gpt2(), LowRankConfig(rank=4, activation_aware=True), ctx())
+
+
+def test_calibration_shorter_than_one_window_still_counts_every_token():
+    from llmshrink.passes.low_rank import input_grams
+
+    model = tiny_gpt2()
+    ids = torch.arange(2, 42)  # 40 tokens: less than one calibration window (128 on this model)
+    layer = model.transformer.h[0].mlp.c_fc
+    (gram,) = input_grams(model, [layer], ids)
+    seen = {}
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].reshape(-1, 64).double()))
+    model(input_ids=ids[None])
+    handle.remove()
+    assert torch.allclose(gram, seen["x"].T @ seen["x"], rtol=1e-6, atol=1e-8)

@@ -179,7 +179,8 @@ def input_grams(model: nn.Module, modules: list[nn.Module], token_ids: torch.Ten
     window = min(CALIBRATION_WINDOW, max_positions(model) or CALIBRATION_WINDOW)
     ids = torch.as_tensor(token_ids).reshape(-1).long()
     full = ids.numel() // window
-    chunks = list(ids[: full * window].view(full, window).split(CALIBRATION_BATCH))
+    # (fewer tokens than one window: no full windows, and splitting an empty tensor gives one empty chunk)
+    chunks = [c for c in ids[: full * window].view(full, window).split(CALIBRATION_BATCH) if c.shape[0]]
     if ids.numel() > full * window:
         chunks.append(ids[full * window:][None])
     was_training = model.training
