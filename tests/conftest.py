@@ -12,6 +12,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
+# Start of a script run in a subprocess that must load a checkpoint with plain transformers: any
+# import of llmshrink fails (the source tree and editable-install hooks are taken off the path).
+# The test %-formats the whole script, with `repo` = the repository root.
+WITHOUT_LLMSHRINK = r"""
+import importlib.abc, sys
+sys.path = [p for p in sys.path if p not in (%(repo)r, "")]
+sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
+                 and "editable" not in getattr(f, "__name__", "").lower()]
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "llmshrink":
+            raise ImportError("llmshrink is blocked in this test")
+
+sys.meta_path.insert(0, Block())
+"""
+
 WORDS = (
     "the a of and to in is was he she it that for on with as his her they at by this had not but be "
     "from are have were or all one which their so an there been if would will what when who more no "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WITHOUT_LLMSHRINK
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -131,19 +132,7 @@ def test_checkpoint_files_and_config(saved):
     assert load_tokenizer(out)("w5 w9 w3")["input_ids"] == [5, 9, 3]
 
 
-REMOTE_SCRIPT = r"""
-import importlib.abc, sys
-sys.path = [p for p in sys.path if p not in (%(repo)r, "")]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
-                 and "editable" not in getattr(f, "__name__", "").lower()]
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "llmshrink":
-            raise ImportError("llmshrink is blocked in this test")
-
-sys.meta_path.insert(0, Block())
-try:
+REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""try:
     import llmshrink
 except ImportError:
     pass

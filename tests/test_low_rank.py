@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
 from torch import nn
 
 import llmshrink
@@ -241,19 +241,7 @@ def save(model: nn.Module, out: Path) -> Path:
     return save_checkpoint(model, tiny_tokenizer(), out, recipe_text=RECIPE, manifest=manifest, model_card="# tiny\n")
 
 
-REMOTE_SCRIPT = r"""
-import importlib.abc, sys
-sys.path = [p for p in sys.path if p not in (%(repo)r, "")]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
-                 and "editable" not in getattr(f, "__name__", "").lower()]
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "llmshrink":
-            raise ImportError("llmshrink is blocked in this test")
-
-sys.meta_path.insert(0, Block())
-import torch
+REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
 import transformers
 torch.set_num_threads(1)  # as in the test process: same threads, same summation order
 ids = torch.load(%(ids)r)

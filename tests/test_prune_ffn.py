@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM
 
@@ -245,19 +245,7 @@ def test_pruned_linear_from_conv1d_and_linear():
     assert isinstance(cols, nn.Linear) and PrunedLinear(**cols.layout_args()).weight.shape == (8, 3)
 
 
-REMOTE_SCRIPT = r"""
-import importlib.abc, sys
-sys.path = [p for p in sys.path if p not in (%(repo)r, "")]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
-                 and "editable" not in getattr(f, "__name__", "").lower()]
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "llmshrink":
-            raise ImportError("llmshrink is blocked in this test")
-
-sys.meta_path.insert(0, Block())
-import torch
+REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
 import transformers
 ids = torch.load(%(ids)r)
 for name, (out, auto) in %(outs)r.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM
 
@@ -248,19 +248,7 @@ def test_taylor_is_the_loss_derivative_along_a_head_gate():
     assert all(p.grad is None for p in model.parameters())
 
 
-REMOTE_SCRIPT = r"""
-import importlib.abc, sys
-sys.path = [p for p in sys.path if p not in (%(repo)r, "")]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
-                 and "editable" not in getattr(f, "__name__", "").lower()]
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "llmshrink":
-            raise ImportError("llmshrink is blocked in this test")
-
-sys.meta_path.insert(0, Block())
-import torch
+REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
 import transformers
 ids = torch.load(%(ids)r)
 for name, (out, auto) in %(outs)r.items():

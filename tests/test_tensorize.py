@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tensorly as tl
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
 from pydantic import ValidationError
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -235,19 +235,7 @@ def save(model: nn.Module, out: Path) -> Path:
                            model_card="# tiny\n")
 
 
-REMOTE_SCRIPT = r"""
-import importlib.abc, sys
-sys.path = [p for p in sys.path if p not in (%(repo)r, "")]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
-                 and "editable" not in getattr(f, "__name__", "").lower()]
-
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "llmshrink":
-            raise ImportError("llmshrink is blocked in this test")
-
-sys.meta_path.insert(0, Block())
-try:
+REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""try:
     import llmshrink
 except ImportError:
     pass
