@@ -8,9 +8,8 @@ One run prints, with ratios against the dense base measured in the same run: uni
 size of the state dict as one .safetensors file, held-out perplexity on builtin:shakespeare (test),
 greedy decode tokens/s and prefill ms on CPU (random prompts, batch 1), and the seconds each pass took.
 
-    python benchmarks/passes.py                                   # every pass, about 15 min on 2 cores
+    python benchmarks/passes.py --perm-iters 4                    # every pass, the README's table
     python benchmarks/passes.py --passes low_rank,prune_ffn --eval-tokens 1024 --latency-repeats 1
-    python benchmarks/passes.py --passes kronecker --perm-iters 2   # with the permutation search (slow)
 
 Blocks are picked evenly across depth where a pass compresses only some of them (kronecker, cluster):
 no sensitivity search, so that the run stays short. prune_heads cannot reach the target alone (all of
@@ -39,8 +38,8 @@ from llmshrink.registry import get_pass
 from llmshrink.specs import DataSpec
 from llmshrink.targeting import find_targets
 
-PASSES = ("kronecker", "low_rank", "tensorize", "share_layers", "prune_heads", "prune_ffn", "prune_magnitude",
-          "cluster")
+PASSES = ("kronecker", "low_rank", "tensorize", "share_layers", "drop_layers", "prune_heads", "prune_ffn",
+          "prune_magnitude", "cluster")
 MLP = r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj"
 LINEARS = r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
 KRON_A, KRON_RANK = (32, 24), 4  # the offline recipe's factor shape and terms
@@ -99,14 +98,18 @@ def plans(model: nn.Module, args) -> list[Plan]:
                 for n, m in mlp if n.startswith("model.layers.0.")
             )
             layers = spread(clamp_count(remove / per_block, n_blocks), n_blocks)
-            config = {"targets": MLP, "layers": layers, "a_shape": list(KRON_A), "rank": KRON_RANK,
-                      "permute": args.perm_iters > 0}
-            if args.perm_iters > 0:
-                config.update(search_iters=args.perm_iters, search_restarts=0)
-            label = "kronecker+perm" if args.perm_iters > 0 else "kronecker"
-            perm = f", perm search {args.perm_iters} iters" if args.perm_iters > 0 else ", no perm search"
-            out.append(Plan(label, name, config, f"MLPs of {len(layers)} blocks, A {KRON_A[0]}x{KRON_A[1]}, "
-                                                 f"rank {KRON_RANK}{perm}"))
+            config = {"targets": MLP, "layers": layers, "a_shape": list(KRON_A), "rank": KRON_RANK}
+            settings = f"MLPs of {len(layers)} blocks, A {KRON_A[0]}x{KRON_A[1]}, rank {KRON_RANK}"
+            out.append(Plan("kronecker", name, {**config, "permute": False}, f"{settings}, no permutation"))
+            if args.perm_iters > 0:  # the same layers with KnGPT-2's permutation search, side by side
+                out.append(Plan("kronecker+perm", name, {**config, "permute": True, "search_iters": args.perm_iters,
+                                                         "search_restarts": 0},
+                                f"{settings}, permutation search {args.perm_iters} iters"))
+        elif name == "drop_layers":
+            dropped = clamp_count(remove / count_params(blocks[0]), n_blocks - 1)
+            config = {"keep": n_blocks - dropped, "select": "influence", "selection_tokens": calib}
+            out.append(Plan("drop_layers", name, config,
+                            f"{n_blocks - dropped} of {n_blocks} blocks kept, least block influence removed"))
         elif name == "low_rank":
             config = {"targets": MLP, "ratio": keep}
             out.append(Plan("low_rank", name, config, f"all MLPs, ratio {keep}"))
@@ -179,8 +182,8 @@ def main() -> None:
     parser.add_argument("--latency-repeats", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--perm-iters", type=int, default=0,
-                        help="kronecker permutation search iterations per layer (0: none; ~15 s/iter/layer on CPU)")
+    parser.add_argument("--perm-iters", type=int, default=0, help="also a kronecker+perm row with this many "
+                        "permutation search iterations per layer (0: no such row; ~2 s per iteration and layer here)")
     parser.add_argument("--cluster-bits", type=int, default=8, choices=(1, 2, 4, 8))
     args = parser.parse_args()
     args.passes = [p.strip() for p in args.passes.split(",") if p.strip()]

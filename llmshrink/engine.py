@@ -13,8 +13,11 @@ from llmshrink import __version__
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.fileio import atomic_write_text
+from llmshrink.passes.lora import load_adapter, lora_settings, merge_lora, save_adapter, unload_lora
 from llmshrink.recipe import LoadedRecipe, Recipe
 from llmshrink.registry import get_pass
+
+ADAPTER_DIR = "adapter"  # unmerged LoRA adapters, in peft's format, inside the output folder
 
 
 def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -> dict:
@@ -72,6 +75,11 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
              "seconds": round(seconds, 3)}
         )
 
+    lora = lora_settings(model)
+    if lora and lora["merge"]:  # after every stage, so that a later distill trained the adapters first
+        log(f"  lora: merged {merge_lora(model)} adapters into the weights")
+        lora = None
+
     if not _is_main_process():
         log(f"process {os.environ.get('RANK')}: stages done; the main process evaluates and saves")
         return {}
@@ -101,8 +109,16 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
 
     log(f"[{next(step)}/{steps}] save {out_dir}")
     card = model_card(manifest, loaded.text)
+    adapted, adapter = None, None
+    if lora:  # unmerged adapters go beside the model in peft's format (PeftModel.from_pretrained loads them)
+        adapted = _logits(model, evaluator.probe_ids())
+        adapter = save_adapter(model, out_dir.parent / f".{out_dir.name}.adapter-tmp")
+        unload_lora(model)
+        manifest["adapter"] = {"dir": ADAPTER_DIR, "merged": False}
     save_checkpoint(model, tokenizer, out_dir, recipe_text=loaded.text, manifest=manifest, model_card=card,
                     overwrite=recipe.output.overwrite)
+    if adapter is not None:
+        adapter.rename(out_dir / ADAPTER_DIR)
     shutil.rmtree(work_root, ignore_errors=True)
 
     log(f"[{next(step)}/{steps}] verify reload")
@@ -112,6 +128,12 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     manifest["checks"] = {"reload_max_abs_logit_diff": _max_logit_diff(model, reloaded, evaluator.probe_ids())}
     if manifest["checks"]["reload_max_abs_logit_diff"] != 0.0:
         raise LlmshrinkError(f"{out_dir}: reloaded model differs from the compressed one: {manifest['checks']}")
+    if adapted is not None:  # peft's reload sums the adapter in a different order: equal to float tolerance
+        with_adapter = load_adapter(reloaded, out_dir / ADAPTER_DIR)
+        diff = float((_logits(with_adapter, evaluator.probe_ids()) - adapted).abs().max())
+        manifest["checks"]["adapter_reload_max_abs_logit_diff"] = diff
+        if diff > 1e-4:
+            raise LlmshrinkError(f"{out_dir}: the reloaded adapter changes the logits by {diff:.3g}")
     compressed["size_bytes"] = dir_size(out_dir, weights_only=True)
 
     card = model_card(manifest, loaded.text)
@@ -211,8 +233,13 @@ def _resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
 def _max_logit_diff(a, b, ids: torch.Tensor) -> float:
-    return float((a(ids).logits - b(ids).logits).abs().max())
+    return float((_logits(a, ids) - _logits(b, ids)).abs().max())
 
 
 def _rewrite_manifest(out_dir: Path, manifest: dict) -> None:

@@ -69,6 +69,15 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        vocab_size=128, max_position_embeddings=64)
+    return BertForMaskedLM(config).eval()
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A tiny random GPT-2 and tokenizer saved as a local model directory."""
@@ -96,3 +105,19 @@ def tiny_text(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def calibrated(tokens: int = 300, seed: int = 0):
+    """A context whose calibration tokens are given directly (no data: section needed)."""
+    from llmshrink.context import Context
+
+    class Calibrated(Context):
+        def train_token_ids(self) -> torch.Tensor:
+            return ids
+
+    ids = torch.randint(0, 100, (tokens,), generator=torch.Generator().manual_seed(seed))
+    return Calibrated(tokenizer=None, log=lambda _: None)

@@ -45,3 +45,38 @@ def test_distill_benchmark_prints_every_method_and_draws_curves(tmp_path):
     assert re.search(r"^winner at 1,024 tokens: (ce|kd|kd\+ce|kd\+hidden|layerwise)$", done.stdout, re.M)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+@pytest.mark.slow
+def test_passes_benchmark_prints_every_chosen_pass_at_about_the_target_size():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "passes.py"), "--passes", "kronecker,drop_layers,prune_ffn",
+           "--eval-tokens", "256", "--calibration-tokens", "256", "--latency-repeats", "1", "--new-tokens", "8"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    number = r"([\d.]+)"
+    rows = {m.group(1): [float(x) for x in m.groups()[1:]] for m in re.finditer(
+        rf"^\| (base|kronecker|drop_layers|prune_ffn) \| [^|]+ \| [\d,]+ \| {number}x \|"
+        rf" [\d.]+ \| {number}x \| {number} \| [\d.]+x \| {number} \| [\d.]+x \| {number} \| [\d.]+x \| [\d.]+ \|$",
+        done.stdout, re.M)}
+    assert list(rows) == ["base", "kronecker", "drop_layers", "prune_ffn"]
+    assert rows["base"][:2] == [1.0, 1.0]
+    for name in ("kronecker", "drop_layers", "prune_ffn"):
+        assert 0.6 < rows[name][0] < 0.8 and 0.6 < rows[name][1] < 0.8, (name, rows[name])  # params, bytes ~0.7x
+    assert all(row[2] > 1.0 and row[3] > 0 and row[4] > 0 for row in rows.values())  # ppl, tok/s, prefill ms
+    assert all(rows[name][2] > rows["base"][2] for name in ("kronecker", "drop_layers", "prune_ffn"))
+
+
+@pytest.mark.slow
+def test_layers_heads_benchmark_prints_the_n_by_h_table():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "layers_heads.py"), "--layers", "30,27", "--heads", "9,3",
+           "--eval-tokens", "256", "--calibration-tokens", "256"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"^\| N \\ H \| 9 \| 3 \|$", done.stdout, re.M)
+    cell = r"([\d.]+) \(([\d.]+)x\)"
+    rows = {int(m.group(1)): [float(x) for x in m.groups()[1:]]
+            for m in re.finditer(rf"^\| (30|27) \| {cell} \| {cell} \|$", done.stdout, re.M)}
+    assert sorted(rows) == [27, 30]
+    assert rows[30][1] == 1.0  # the dense base: every block, every head
+    assert rows[27][1] < rows[30][1] and rows[30][3] < rows[30][1] and rows[27][3] < rows[27][1]  # smaller
+    assert rows[30][2] > rows[30][0] and rows[27][0] > rows[30][0]  # each cut costs perplexity, no recovery

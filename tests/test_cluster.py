@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 from torch import nn
 
@@ -32,14 +32,6 @@ BLOCKS = r".*\.\d+\..*"
 def ctx() -> Context:
     return Context(tokenizer=None, log=lambda _: None)
 
-
-def tiny_bert():
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=128, max_position_embeddings=64)
-    return BertForMaskedLM(config).eval()
 
 
 def logits(model) -> torch.Tensor:

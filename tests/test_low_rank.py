@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, n_params, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from torch import nn
 
 import llmshrink
@@ -26,14 +26,6 @@ IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3]])
 BLOCK_LAYERS = r".*\.\d+\..*"
 
 
-def tiny_bert():
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64)
-    return BertForMaskedLM(config).eval()
-
 
 def ctx(text: Path | None = None) -> Context:
     data = DataSpec(source=str(text)) if text is not None else None
@@ -44,9 +36,6 @@ def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
 
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, calibrated, n_params, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM
+from transformers import OPTConfig, OPTForCausalLM
 
 import llmshrink
 from llmshrink.checkpoint import save_checkpoint
@@ -31,36 +31,17 @@ from llmshrink.recipe import load_recipe
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 99, 0, 12, 1]])
 
 
-def tiny_bert(seed: int = 0) -> BertForMaskedLM:
-    torch.manual_seed(seed)
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=128, max_position_embeddings=64)
-    return BertForMaskedLM(config).eval()
-
 
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
 # (neurons per block, per-neuron parameters) of the tiny models: hidden 64; GPT-2/BERT have a c_fc bias.
 SHAPES = {"gpt2": (256, 2 * 64 + 1), "llama": (192, 3 * 64), "bert": (128, 2 * 64 + 1)}
 
 
-class Calibrated(Context):
-    """A context whose calibration tokens are given directly (no data: section needed)."""
-
-    def __init__(self, tokens: int = 300, seed: int = 0):
-        super().__init__(tokenizer=None, log=lambda _: None)
-        self.tokens = torch.randint(0, 100, (tokens,), generator=torch.Generator().manual_seed(seed))
-
-    def train_token_ids(self) -> torch.Tensor:
-        return self.tokens
-
 
 @torch.no_grad()
 def logits(model: nn.Module) -> torch.Tensor:
     return model(IDS).logits
 
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
@@ -97,7 +78,7 @@ def silence(model: nn.Module, counts: list[int], side: str, seed: int = 1) -> li
 def test_keep_one_leaves_model_unchanged(family):
     model = BUILDERS[family]()
     before, params = logits(model), n_params(model)
-    record = apply(model, PruneFfnConfig(importance="magnitude", keep=1.0, scope="global"), Calibrated())
+    record = apply(model, PruneFfnConfig(importance="magnitude", keep=1.0, scope="global"), calibrated())
     assert torch.equal(logits(model), before) and n_params(model) == params
     assert [(layer["kept"], layer["pruned"]) for layer in record["layers"]] == [(SHAPES[family][0], [])] * 2
     assert record["params_after"] == record["params_before"]
@@ -115,7 +96,7 @@ def test_pruning_silent_neurons_is_exact(family, importance):
     counts = [n // 4, 3 * n // 4]  # different per block: global scope keeps 3n/4 and n/4
     silent = silence(model, counts, "input" if importance == "activation" else "output")
     before, params = logits(model), n_params(model)
-    record = apply(model, PruneFfnConfig(importance=importance, keep=0.5, scope="global"), Calibrated())
+    record = apply(model, PruneFfnConfig(importance=importance, keep=0.5, scope="global"), calibrated())
     assert [layer["pruned"] for layer in record["layers"]] == silent
     assert [(layer["kept"], layer["total"]) for layer in record["layers"]] == [(3 * n // 4, n), (n // 4, n)]
     assert (logits(model) - before).abs().max().item() < 1e-5
@@ -133,7 +114,7 @@ def test_parameter_count_drops_by_exactly_the_pruned_neurons(family):
     model = BUILDERS[family]()
     n, per_neuron = SHAPES[family]
     params = n_params(model)
-    record = apply(model, PruneFfnConfig(importance="magnitude", keep=0.25), Calibrated())
+    record = apply(model, PruneFfnConfig(importance="magnitude", keep=0.25), calibrated())
     assert [layer["kept"] for layer in record["layers"]] == [n // 4, n // 4]
     assert params - n_params(model) == 2 * (n - n // 4) * per_neuron
     assert logits(model).shape[-1] == 128  # still runs
@@ -141,12 +122,12 @@ def test_parameter_count_drops_by_exactly_the_pruned_neurons(family):
 
 def test_ratio_budgets_parameters_and_multiple_of_rounds_down():
     model = tiny_gpt2()
-    record = apply(model, PruneFfnConfig(importance="magnitude", ratio=0.5), Calibrated())
+    record = apply(model, PruneFfnConfig(importance="magnitude", ratio=0.5), calibrated())
     # Per block: 256 neurons x 129 params + c_proj's 64-bias; keep n with 129 n + 64 <= 0.5 (256 x 129 + 64).
     assert [layer["kept"] for layer in record["layers"]] == [127, 127]
     assert all(layer["params_after"] <= 0.5 * layer["params_before"] for layer in record["layers"])
     assert record["layers"][0]["params_after"] == 127 * 129 + 64
-    record = apply(tiny_gpt2(), PruneFfnConfig(importance="magnitude", keep=0.3, multiple_of=8), Calibrated())
+    record = apply(tiny_gpt2(), PruneFfnConfig(importance="magnitude", keep=0.3, multiple_of=8), calibrated())
     assert [layer["kept"] for layer in record["layers"]] == [72, 72]  # 0.3 x 256 = 76.8 -> 72
 
 
@@ -182,7 +163,7 @@ def test_per_layer_and_global_budgets_on_hand_built_scores():
 
 def test_layers_filter_prunes_only_those_blocks():
     model = tiny_llama()
-    record = apply(model, PruneFfnConfig(importance="magnitude", keep=0.5, layers=[1]), Calibrated())
+    record = apply(model, PruneFfnConfig(importance="magnitude", keep=0.5, layers=[1]), calibrated())
     assert [layer["name"] for layer in record["layers"]] == ["model.layers.1.mlp"]
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
     assert model.model.layers[1].mlp.down_proj.in_features == 96
@@ -205,7 +186,7 @@ def test_calibration_scores_match_a_plain_backward(taylor):
     """Mean |a| and Σ|a·∂L/∂a| (L: summed next-token loss) against retain_grad + backward on a copy."""
     frozen = tiny_gpt2().requires_grad_(False)  # the pass must cope with a frozen model
     blocks = find_ffn_blocks(frozen)
-    ids = Calibrated(tokens=200).tokens
+    ids = calibrated(tokens=200).train_token_ids()
     got = calibration_scores(frozen, blocks, ids, taylor=taylor)
 
     model, acts = tiny_gpt2(), []
@@ -270,7 +251,7 @@ def checkpoints(tmp_path_factory):
         model = build()
         n = SHAPES[family][0]
         silence(model, [n // 4, 3 * n // 4], "output")
-        record = apply(model, PruneFfnConfig(importance="magnitude", keep=0.5, scope="global"), Calibrated())
+        record = apply(model, PruneFfnConfig(importance="magnitude", keep=0.5, scope="global"), calibrated())
         manifest = {"name": family, "passes": [{"pass": "prune_ffn", "record": record}]}
         out = save_checkpoint(model, tiny_tokenizer(), root / family, recipe_text="name: t\n", manifest=manifest,
                               model_card="card")
@@ -318,7 +299,7 @@ def test_unsupported_model_is_refused_in_one_line():
     config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
                        max_position_embeddings=64, word_embed_proj_dim=64)
     with pytest.raises(LlmshrinkError) as err:
-        apply(OPTForCausalLM(config), PruneFfnConfig(importance="magnitude"), Calibrated())
+        apply(OPTForCausalLM(config), PruneFfnConfig(importance="magnitude"), calibrated())
     assert str(err.value) == (
         "prune_ffn: OPTForCausalLM is not supported; supported: Llama-family (mlp.gate_proj/up_proj/down_proj), "
         "GPT-2 (mlp.c_fc/c_proj), BERT-family (intermediate.dense/output.dense)"
@@ -327,13 +308,13 @@ def test_unsupported_model_is_refused_in_one_line():
 
 def test_other_bad_input_gets_one_line():
     with pytest.raises(LlmshrinkError) as err:
-        apply(tiny_bert(), PruneFfnConfig(importance="taylor"), Calibrated())
+        apply(tiny_bert(), PruneFfnConfig(importance="taylor"), calibrated())
     assert str(err.value) == (
         "prune_ffn.importance: 'taylor' needs a causal LM loss and BertForMaskedLM is an encoder; "
         "use 'activation' or 'magnitude'"
     )
     with pytest.raises(LlmshrinkError) as err:
-        apply(tiny_gpt2(), PruneFfnConfig(importance="magnitude", layers=[5]), Calibrated())
+        apply(tiny_gpt2(), PruneFfnConfig(importance="magnitude", layers=[5]), calibrated())
     assert str(err.value) == "prune_ffn.layers: [5] match no FFN block; GPT2LMHeadModel has blocks [0, 1]"
 
 

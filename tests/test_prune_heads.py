@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, calibrated, n_params, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM, OPTConfig, OPTForCausalLM
+from transformers import OPTConfig, OPTForCausalLM
 
 import llmshrink
 from llmshrink.checkpoint import module_attrs, save_checkpoint
@@ -32,12 +32,6 @@ from llmshrink.recipe import load_recipe
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 99, 0, 12, 1]])
 
 
-def tiny_bert(seed: int = 0) -> BertForMaskedLM:
-    torch.manual_seed(seed)
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=128, max_position_embeddings=64)
-    return BertForMaskedLM(config).eval()
-
 
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
 # Pruning units per layer (kv groups), query heads per unit, and the parameters one unit holds. Hidden 64,
@@ -47,24 +41,11 @@ UNITS = {"gpt2": (4, 1, 3 * 16 * 65 + 16 * 64), "llama": (2, 2, 2 * 32 * 64 + 2 
          "bert": (4, 1, 3 * 16 * 65 + 16 * 64)}
 
 
-class Calibrated(Context):
-    """A context whose calibration tokens are given directly (no data: section needed)."""
-
-    def __init__(self, tokens: int = 300, seed: int = 0):
-        super().__init__(tokenizer=None, log=lambda _: None)
-        self.tokens = torch.randint(0, 100, (tokens,), generator=torch.Generator().manual_seed(seed))
-
-    def train_token_ids(self) -> torch.Tensor:
-        return self.tokens
-
 
 @torch.no_grad()
 def logits(model: nn.Module) -> torch.Tensor:
     return model(IDS).logits
 
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def rows(layer: nn.Module) -> torch.Tensor:
@@ -101,11 +82,11 @@ def test_keep_one_leaves_model_unchanged(family):
     model = BUILDERS[family]()
     before, params = logits(model), n_params(model)
     units, group, _ = UNITS[family]
-    record = apply(model, PruneHeadsConfig(importance="magnitude", keep=1.0, scope="global"), Calibrated())
+    record = apply(model, PruneHeadsConfig(importance="magnitude", keep=1.0, scope="global"), calibrated())
     assert torch.equal(logits(model), before) and n_params(model) == params
     assert [(layer["heads_kept"], layer["removed_heads"]) for layer in record["layers"]] == [(4, [])] * 2
     assert record["params_after"] == record["params_before"] and record["model_params_after"] == params
-    record = apply(model, PruneHeadsConfig(importance="magnitude", heads_per_layer=4), Calibrated())
+    record = apply(model, PruneHeadsConfig(importance="magnitude", heads_per_layer=4), calibrated())
     assert torch.equal(logits(model), before) and record["heads_kept"] == [4, 4]
     assert not module_attrs(model) and not any(isinstance(m, PrunedLinear) for m in model.modules())
 
@@ -123,7 +104,7 @@ def test_pruning_silent_heads_is_exact(family, importance):
     silent = [[1], [0]] if family == "llama" else [[1], [0, 2, 3]]
     silence(model, silent, weights=importance == "magnitude")
     before, params = logits(model), n_params(model)
-    record = apply(model, PruneHeadsConfig(importance=importance, keep=0.5, scope="global"), Calibrated())
+    record = apply(model, PruneHeadsConfig(importance=importance, keep=0.5, scope="global"), calibrated())
     assert (logits(model) - before).abs().max().item() < 1e-5
     assert [layer["removed_kv_groups"] for layer in record["layers"]] == silent
     removed = [[u * group + r for u in units_ for r in range(group)] for units_ in silent]
@@ -155,12 +136,12 @@ def test_heads_per_layer_and_at_least_one_unit(family):
     units, group, per_unit = UNITS[family]
     model = BUILDERS[family]()
     params = n_params(model)
-    record = apply(model, PruneHeadsConfig(importance="magnitude", heads_per_layer=2), Calibrated())
+    record = apply(model, PruneHeadsConfig(importance="magnitude", heads_per_layer=2), calibrated())
     assert record["heads_kept"] == [2, 2] and record["scope"] == "per_layer"
     assert params - n_params(model) == 2 * (units - 2 // group) * per_unit
     # keep 0.1 of 2-4 units rounds to none: every layer keeps its best unit all the same.
     model = BUILDERS[family]()
-    record = apply(model, PruneHeadsConfig(importance="magnitude", keep=0.1), Calibrated())
+    record = apply(model, PruneHeadsConfig(importance="magnitude", keep=0.1), calibrated())
     assert [layer["kv_groups_kept"] for layer in record["layers"]] == [1, 1]
     assert logits(model).isfinite().all()
 
@@ -189,7 +170,7 @@ def test_layers_filter_and_pruning_twice_composes(tiny_text):
     from llmshrink.specs import DataSpec
 
     model = tiny_gpt2()
-    record = apply(model, PruneHeadsConfig(importance="magnitude", keep=0.5, layers=[1]), Calibrated())
+    record = apply(model, PruneHeadsConfig(importance="magnitude", keep=0.5, layers=[1]), calibrated())
     assert [layer["name"] for layer in record["layers"]] == ["transformer.h.1.attn"]
     assert type(model.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
     # Again, on both layers, scored on the recipe's data: layer 1 now has 2 heads and keeps 1.
@@ -209,7 +190,7 @@ def test_output_norm_is_the_mean_norm_of_each_heads_projected_output():
     """Against the output of c_proj (Conv1D) restricted to one head's rows, without its bias."""
     model = tiny_gpt2()
     blocks = find_attention_blocks(model)
-    ids = Calibrated(tokens=100).tokens  # one window
+    ids = calibrated(tokens=100).train_token_ids()  # one window
     got = calibration_scores(model, blocks, ids, taylor=False)
     for block in blocks:
         for head in range(4):
@@ -229,7 +210,7 @@ def test_taylor_is_the_loss_derivative_along_a_head_gate():
     """|dL/dg| against a central difference of the summed next-token loss, scaling a kv group's o_proj columns."""
     model = tiny_llama().double()
     blocks = find_attention_blocks(model)
-    ids = Calibrated(tokens=60).tokens  # one window
+    ids = calibrated(tokens=60).train_token_ids()  # one window
     got = calibration_scores(model.requires_grad_(False), blocks, ids, taylor=True)
 
     @torch.no_grad()
@@ -273,7 +254,7 @@ def checkpoints(tmp_path_factory):
     for family, build in BUILDERS.items():
         model = build()
         silence(model, [[1], [0]] if family == "llama" else [[1], [0, 2, 3]])
-        record = apply(model, PruneHeadsConfig(keep=0.5, scope="global"), Calibrated())
+        record = apply(model, PruneHeadsConfig(keep=0.5, scope="global"), calibrated())
         manifest = {"name": family, "passes": [{"pass": "prune_heads", "record": record}]}
         out = save_checkpoint(model, tiny_tokenizer(), root / family, recipe_text="name: t\n", manifest=manifest,
                               model_card="card")
@@ -326,7 +307,7 @@ def test_unsupported_model_is_refused_in_one_line():
     config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
                        max_position_embeddings=64, word_embed_proj_dim=64)
     with pytest.raises(LlmshrinkError) as err:
-        apply(OPTForCausalLM(config), PruneHeadsConfig(importance="magnitude"), Calibrated())
+        apply(OPTForCausalLM(config), PruneHeadsConfig(importance="magnitude"), calibrated())
     assert str(err.value) == (
         "prune_heads: OPTForCausalLM is not supported; supported: GPT-2 (GPT2Attention: c_attn/c_proj), "
         "Llama (LlamaAttention: q/k/v/o_proj, GQA), BERT (BertSelfAttention: query/key/value, "
@@ -351,7 +332,7 @@ def test_unsupported_model_is_refused_in_one_line():
 )
 def test_bad_input_gets_one_line(family, cfg, message):
     with pytest.raises(LlmshrinkError) as err:
-        apply(BUILDERS[family](), PruneHeadsConfig(**cfg), Calibrated())
+        apply(BUILDERS[family](), PruneHeadsConfig(**cfg), calibrated())
     assert str(err.value) == message
 
 
@@ -362,7 +343,7 @@ def test_replaced_projection_is_refused_in_one_line():
     attn = model.model.layers[0].self_attn
     attn.q_proj = KroneckerLinear.from_linear(attn.q_proj, (8, 8), (8, 8), rank=1)
     with pytest.raises(LlmshrinkError) as err:
-        apply(model, PruneHeadsConfig(importance="magnitude"), Calibrated())
+        apply(model, PruneHeadsConfig(importance="magnitude"), calibrated())
     assert str(err.value) == (
         "prune_heads: model.layers.0.self_attn.q_proj is a KroneckerLinear, not Linear/Conv1D; "
         "run prune_heads before passes that replace it"

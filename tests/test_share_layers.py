@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, n_params, tiny_tokenizer
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
@@ -71,9 +71,6 @@ def ctx() -> Context:
 def blocks(model: nn.Module, family: str) -> nn.ModuleList:
     return model.get_submodule(LISTS[family])
 
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @torch.no_grad()

@@ -30,28 +30,17 @@ from llmshrink.distill.losses import (
 )
 from llmshrink.distill.trainer import LossFn, train
 from llmshrink.errors import LlmshrinkError
-from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.passes.base import PassRecord, TrainingConfig
 from llmshrink.registry import register_pass
 
 
-class DistillConfig(PassConfig):
-    steps: int = Field(..., ge=1, description="optimizer steps")
-    batch_size: int = Field(4, ge=1, description="blocks per micro-batch (per process)")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    seq_len: int = Field(256, ge=2, description="tokens per block")
-    lr: float = Field(3e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(10, ge=0, description="linear warmup, then cosine decay to zero")
+class DistillConfig(TrainingConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs CE")
     temperature: float = Field(2.0, gt=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 = off")
     train: Literal["all", "compressed"] = Field(
         "all", description="all trainable parameters, or only those of llmshrink's compressed layers"
     )
     teacher: str = Field("base", description="'base' = the model as loaded, or a model id to load")
-    save_every: int = Field(
-        0, ge=0, description="save the training state every N steps; rerunning the command resumes (0 = off)"
-    )
     hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state term, added to the alpha mix")
     hidden_loss: Literal["mse", "cosine"] = "mse"
     attention_weight: float = Field(0.0, ge=0.0, description="weight of the attention-map KL term (TinyBERT)")
@@ -159,8 +148,7 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
         )
     features = cfg.hidden_weight > 0 or cfg.attention_weight > 0
     teacher = _teacher(cfg, ctx) if cfg.alpha > 0 or features else None
-    if cfg.save_every and ctx.work_dir is None:
-        raise LlmshrinkError("distill.save_every: needs a work directory; run it through `llmshrink apply`")
+    options = cfg.trainer_options("distill", ctx)
     blocks = pack(ctx.train_token_ids(), cfg.seq_len)
     trainable = _select_trainable(model, cfg.train)
     pairs: list[tuple[int, int]] = []
@@ -187,19 +175,8 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
                 student,
                 blocks,
                 loss_fn,
-                steps=cfg.steps,
-                lr=cfg.lr,
-                weight_decay=cfg.weight_decay,
-                warmup_steps=cfg.warmup_steps,
-                batch_size=cfg.batch_size,
-                grad_accum=cfg.grad_accum,
-                max_grad_norm=cfg.max_grad_norm,
-                seed=ctx.seed,
-                device=ctx.device,
-                log=ctx.log,
+                **options,
                 teacher=teacher,
-                state_dir=ctx.work_dir if cfg.save_every else None,
-                save_every=cfg.save_every,
                 mixed_precision=cfg.mixed_precision,
                 gradient_checkpointing=cfg.gradient_checkpointing,
                 eval_fn=eval_fn,

@@ -23,23 +23,16 @@ from llmshrink.distill.curves import training_curve
 from llmshrink.distill.data import pack
 from llmshrink.distill.trainer import LossFn, train
 from llmshrink.errors import LlmshrinkError
-from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.passes.base import PassRecord, TrainingConfig
 from llmshrink.registry import register_pass
 from llmshrink.targeting import is_dense_layer, layer_index
 
 
-class LocalDistillConfig(PassConfig):
-    steps: int = Field(..., ge=1, description="optimizer steps")
-    batch_size: int = Field(4, ge=1, description="blocks per micro-batch")
-    grad_accum: int = Field(1, ge=1)
-    seq_len: int = Field(256, ge=2, description="tokens per block")
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+class LocalDistillConfig(TrainingConfig):
+    lr: float = Field(1e-3, gt=0.0, description="higher than distill's: each layer fits a fixed target")
     warmup_steps: int = Field(5, ge=0, description="linear warmup, then cosine decay to zero")
-    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 = off")
     targets: str = Field(".*", description="regex over the names of the compressed layers to fit")
     layers: list[int] | None = Field(None, description="only compressed layers in these blocks")
-    save_every: int = Field(0, ge=0, description="save the training state every N steps (0 = off)")
 
 
 class LocalStudent(nn.Module):
@@ -88,8 +81,7 @@ def apply(model: nn.Module, cfg: LocalDistillConfig, ctx: Context) -> PassRecord
 
     if ctx.teacher is None:
         raise LlmshrinkError("local_distill: needs the teacher (the model as loaded); run it through `llmshrink apply`")
-    if cfg.save_every and ctx.work_dir is None:
-        raise LlmshrinkError("local_distill.save_every: needs a work directory; run it through `llmshrink apply`")
+    options = cfg.trainer_options("local_distill", ctx)
     kinds = tuple(COMPRESSED_MODULES.values())
     chosen = [
         (name, m) for name, m in model.named_modules()
@@ -123,19 +115,8 @@ def apply(model: nn.Module, cfg: LocalDistillConfig, ctx: Context) -> PassRecord
             student,
             blocks,
             local_loss(teacher_layers),
-            steps=cfg.steps,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup_steps=cfg.warmup_steps,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            max_grad_norm=cfg.max_grad_norm,
-            seed=ctx.seed,
-            device=ctx.device,
-            log=ctx.log,
+            **options,
             teacher=ctx.teacher,
-            state_dir=ctx.work_dir if cfg.save_every else None,
-            save_every=cfg.save_every,
             desc="local_distill",
         )
     finally:

@@ -24,6 +24,7 @@ from torch import nn
 
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
+from llmshrink.importance import importance_scores
 from llmshrink.modules.kronecker import dense_weight
 from llmshrink.modules.pruned import PrunedLinear
 from llmshrink.passes.base import PassConfig, PassRecord
@@ -71,19 +72,12 @@ class FfnBlock:
 def apply(model, cfg: PruneFfnConfig, ctx: Context) -> PassRecord:
     blocks = find_ffn_blocks(model, cfg.layers)
     sizes = {block.name: neuron_count(model, block) for block in blocks}
-    tokens = None
-    if cfg.importance == "magnitude":
-        scores = magnitude_scores(model, blocks)
-    else:
-        if cfg.importance == "taylor" and blocks[0].family == "bert":
-            raise LlmshrinkError(
-                f"prune_ffn.importance: 'taylor' needs a causal LM loss and {type(model).__name__} is an "
-                "encoder; use 'activation' or 'magnitude'"
-            )
-        ids = ctx.train_token_ids()[: cfg.calibration_tokens]
-        tokens = int(ids.numel())
-        ctx.log(f"  {cfg.importance} importance on {tokens} calibration tokens")
-        scores = calibration_scores(model, blocks, ids, taylor=cfg.importance == "taylor")
+    scores, tokens = importance_scores(
+        "prune_ffn", cfg.importance, blocks[0].family == "bert", ctx, cfg.calibration_tokens,
+        magnitude=lambda: magnitude_scores(model, blocks),
+        calibration=lambda ids, taylor: calibration_scores(model, blocks, ids, taylor=taylor),
+        alternatives="'activation' or 'magnitude'", model_name=type(model).__name__,
+    )
     params = {block.name: block_params(model, block) for block in blocks}
     # Parameters per neuron, and those that stay whatever the count (the output bias).
     fixed = {block.name: _bias_numel(model.get_submodule(block.output)) for block in blocks}

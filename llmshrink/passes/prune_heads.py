@@ -28,6 +28,7 @@ from torch import nn
 from llmshrink.checkpoint import set_module_attrs
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
+from llmshrink.importance import importance_scores
 from llmshrink.modules.kronecker import dense_weight
 from llmshrink.modules.pruned import PrunedLinear
 from llmshrink.passes.base import PassConfig, PassRecord
@@ -91,19 +92,12 @@ def apply(model, cfg: PruneHeadsConfig, ctx: Context) -> PassRecord:
     blocks = find_attention_blocks(model, cfg.layers)
     if cfg.heads_per_layer is not None:
         _check_heads_per_layer(cfg.heads_per_layer, blocks)
-    tokens = None
-    if cfg.importance == "magnitude":
-        scores = magnitude_scores(model, blocks)
-    else:
-        if cfg.importance == "taylor" and blocks[0].family == "bert":
-            raise LlmshrinkError(
-                f"prune_heads.importance: 'taylor' needs a causal LM loss and {type(model).__name__} is an "
-                "encoder; use 'output_norm' or 'magnitude'"
-            )
-        ids = ctx.train_token_ids()[: cfg.calibration_tokens]
-        tokens = int(ids.numel())
-        ctx.log(f"  {cfg.importance} importance on {tokens} calibration tokens")
-        scores = calibration_scores(model, blocks, ids, taylor=cfg.importance == "taylor")
+    scores, tokens = importance_scores(
+        "prune_heads", cfg.importance, blocks[0].family == "bert", ctx, cfg.calibration_tokens,
+        magnitude=lambda: magnitude_scores(model, blocks),
+        calibration=lambda ids, taylor: calibration_scores(model, blocks, ids, taylor=taylor),
+        alternatives="'output_norm' or 'magnitude'", model_name=type(model).__name__,
+    )
     normalize = cfg.normalize
     if normalize == "auto":
         normalize = "none" if cfg.importance == "taylor" else "layer_mean"

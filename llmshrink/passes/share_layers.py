@@ -131,8 +131,9 @@ def apply(model: nn.Module, cfg: ShareLayersConfig, ctx: Context) -> PassRecord:
 # --- structure -------------------------------------------------------------------------------------
 
 
-def find_blocks(model: nn.Module) -> tuple[str, str, nn.ModuleList]:
-    """(full name, family, the block list) of a supported model; refuses one that already shares."""
+def find_blocks(model: nn.Module, pass_name: str = "share_layers") -> tuple[str, str, nn.ModuleList]:
+    """(full name, family, the block list) of a supported model; refuses one that already shares (its refs
+    name their block by position, which neither a second sharing nor removing blocks may shift)."""
     base = getattr(model, "base_model", model)
     for relative, family in BLOCK_LISTS:
         try:
@@ -144,12 +145,12 @@ def find_blocks(model: nn.Module) -> tuple[str, str, nn.ModuleList]:
         name = next(n for n, m in model.named_modules() if m is blocks)
         refs = [i for i, block in enumerate(blocks) if isinstance(block, SharedBlockRef)]
         if refs:
+            hint = "apply share_layers once" if pass_name == "share_layers" else f"run {pass_name} before share_layers"
             raise LlmshrinkError(
-                f"share_layers: {name} already shares blocks (position {refs[0]} runs "
-                f"{blocks[refs[0]].target}); apply share_layers once"
+                f"{pass_name}: {name} already shares blocks (position {refs[0]} runs {blocks[refs[0]].target}); {hint}"
             )
         return name, family, blocks
-    raise LlmshrinkError(f"share_layers: {type(model).__name__} is not supported; supported: {SUPPORTED}")
+    raise LlmshrinkError(f"{pass_name}: {type(model).__name__} is not supported; supported: {SUPPORTED}")
 
 
 def count_params(module: nn.Module) -> int:

@@ -1,0 +1,58 @@
+"""`llmshrink apply` with a lora stage: adapters trained by distill, then merged into the checkpoint or
+saved beside it in peft's format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from llmshrink.checkpoint import load_checkpoint
+from llmshrink.cli import main
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64]])
+
+
+def recipe_text(model_dir, text_file, out_dir, merge: bool) -> str:
+    return f"""\
+name: tiny-lora
+model: {{id: {model_dir}}}
+data: {{source: {text_file}}}
+stages:
+  - low_rank: {{targets: '.*mlp\\.c_fc', rank: 8}}
+  - lora: {{r: 4, alpha: 8, targets: '.*attn\\.c_attn', merge: {str(merge).lower()}}}
+  - distill: {{steps: 3, batch_size: 2, seq_len: 32, warmup_steps: 1, lr: 1.0e-2}}
+evaluate:
+  perplexity: {{data: {{source: {text_file}, max_tokens: 300}}, window: 32, stride: 16}}
+output: {{dir: {out_dir}}}
+"""
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_recipe_merges_or_saves_a_peft_adapter(tmp_path, tiny_model_dir, tiny_text, merge):
+    out = tmp_path / "out"
+    path = tmp_path / "tiny.yaml"
+    path.write_text(recipe_text(tiny_model_dir, tiny_text, out, merge))
+    assert main(["apply", str(path)]) == 0
+    manifest = json.loads((out / "llmshrink.json").read_text())
+    trained = manifest["passes"][2]["record"]["trained_params"]
+    assert trained == manifest["passes"][1]["record"]["adapter_params"] == 2 * 4 * (64 + 192)  # 2 c_attn layers
+    model = load_checkpoint(out)
+    assert not any("lora_" in name for name, _ in model.named_parameters())  # the base checkpoint is plain
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    if merge:
+        assert not (out / "adapter").exists() and "adapter" not in manifest
+        with torch.no_grad():  # the trained adapters are in the attention weights now
+            assert not torch.equal(model.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+        return
+    assert manifest["adapter"] == {"dir": "adapter", "merged": False}
+    assert manifest["checks"]["adapter_reload_max_abs_logit_diff"] < 1e-5
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    with torch.no_grad():  # the adapters are not merged: attention weights as loaded, the adapter changes logits
+        assert torch.equal(model.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+        plain = model(IDS).logits
+        adapted = PeftModel.from_pretrained(model, out / "adapter")(IDS).logits
+    assert (adapted - plain).abs().max() > 1e-4

@@ -1,0 +1,120 @@
+"""quantize pass: fp16/bf16 casts and int8-dynamic on tiny GPT-2 / Llama / BERT; errors in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from torch import nn
+
+from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+from llmshrink.context import Context
+from llmshrink.errors import LlmshrinkError
+from llmshrink.modules.int8_dynamic import Int8DynamicLinear
+from llmshrink.modules.low_rank import LowRankLinear
+from llmshrink.passes.low_rank import LowRankConfig
+from llmshrink.passes.low_rank import apply as low_rank
+from llmshrink.passes.quantize import QuantizeConfig, apply
+from llmshrink.recipe import parse_stage
+from llmshrink.targeting import is_dense_layer
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 99, 0, 12, 1]])
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
+
+
+def ctx() -> Context:
+    return Context(tokenizer=None, log=lambda _: None)
+
+
+@torch.no_grad()
+def logits(model: nn.Module) -> torch.Tensor:
+    return model(IDS).logits.float()
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def save(model: nn.Module, out: Path) -> Path:
+    return save_checkpoint(model, tiny_tokenizer(), out, recipe_text="name: t\n", manifest={"name": "t"},
+                           model_card="# t\n")
+
+
+@pytest.mark.parametrize(("method", "dtype", "bound"), [("fp16", torch.float16, 2e-3), ("bf16", torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_casts_halve_the_bytes_stay_close_and_reload_in_their_dtype(tmp_path, family, method, dtype, bound):
+    model = BUILDERS[family]()
+    before = logits(model)
+    record = apply(model, QuantizeConfig(method=method), ctx())
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert record["bytes_after"] * 2 == record["bytes_before"]
+    after = logits(model)
+    assert 0 < relative(after, before) < bound
+    reloaded = load_checkpoint(save(model, tmp_path / family))
+    assert {p.dtype for p in reloaded.parameters()} == {dtype}
+    assert torch.equal(logits(reloaded), after)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_int8_dynamic_replaces_the_block_layers_keeps_head_and_reloads_exactly(tmp_path, family):
+    model = BUILDERS[family]()
+    dense = {name: m for name, m in model.named_modules() if is_dense_layer(m)}
+    before = logits(model)
+    record = apply(model, QuantizeConfig(method="int8-dynamic"), ctx())
+    in_blocks = [name for name in dense if ".0." in name or ".1." in name]
+    assert [layer["name"] for layer in record["layers"]] == in_blocks and len(in_blocks) >= 4
+    for name, module in model.named_modules():
+        if name in in_blocks:
+            assert isinstance(module, Int8DynamicLinear)
+    assert all(is_dense_layer(model.get_submodule(name)) for name in dense if name not in in_blocks)  # head etc.
+    # Per-channel int8: each weight within half a step; a quarter of the bytes plus a scale per row.
+    assert all(layer["rel_error"] < 0.01 for layer in record["layers"])
+    assert 0.25 < record["ratio"] < 0.3
+    after = logits(model)
+    assert 0 < relative(after, before) < 0.02  # weights and activations each rounded to 8 bits
+    reloaded = load_checkpoint(save(model, tmp_path / family))
+    assert torch.equal(logits(reloaded), after)
+
+
+def test_compressed_layers_stay_in_their_precision_and_are_listed():
+    model = tiny_llama()
+    low_rank(model, LowRankConfig(targets=r".*mlp\.up_proj", rank=8), ctx())
+    record = apply(model, QuantizeConfig(method="int8-dynamic"), ctx())
+    assert record["kept"] == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int8DynamicLinear)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"method": "bnb-nf4"}, ".method: 'bnb-nf4' is not built yet in this version; available: "
+                                "fp16, bf16, int8-dynamic, got 'bnb-nf4'"),
+        ({"method": "mixed"}, ".method: 'mixed' is not built yet in this version; available: "
+                              "fp16, bf16, int8-dynamic, got 'mixed'"),
+        ({"method": "int4"}, ".method: 'int4' is not a method; allowed: fp16, bf16, int8-dynamic, "
+                             "bnb-nf4, bnb-fp4, bnb-int8, mixed, got 'int4'"),
+        ({}, ".method: required field is missing"),
+    ],
+)
+def test_bad_config_is_one_line(body, message):
+    with pytest.raises(LlmshrinkError) as info:
+        parse_stage({"quantize": body}, "recipe.yaml", "stages[0]")
+    assert str(info.value) == "recipe.yaml: stages[0].quantize" + message
+
+
+def test_tied_head_and_mixed_dtypes_are_refused():
+    model = tiny_llama()
+    with pytest.raises(LlmshrinkError) as info:
+        apply(model, QuantizeConfig(method="int8-dynamic", targets="lm_head"), ctx())
+    assert str(info.value) == ("quantize.targets: lm_head shares its weight with model.embed_tokens "
+                               "(tied embeddings); exclude it (the default targets do)")
+    model.model.layers[0].mlp.up_proj.to(torch.bfloat16)
+    with pytest.raises(LlmshrinkError) as info:
+        apply(model, QuantizeConfig(method="fp16"), ctx())
+    assert str(info.value) == "quantize.method: fp16 needs a float32 model; its parameters are ['bfloat16', 'float32']"
+    apply(tiny_llama(), QuantizeConfig(method="int8-dynamic"), ctx())
+    with pytest.raises(LlmshrinkError, match=r"^quantize.targets: 'nothing' matches no Linear/Conv1D layer"):
+        apply(tiny_llama(), QuantizeConfig(method="int8-dynamic", targets="nothing"), ctx())
