@@ -7,6 +7,9 @@ The layout ({module name: {"type", "args"}}) lives in config.json, so that the r
 only the config) and `load_checkpoint` rebuild the same modules before the weights load. Plain module
 attributes a pass changed (a pruned attention's head count: {module name: {attribute: value}}, see
 `set_module_attrs`) are recorded beside it and set again on load.
+
+Layers of bitsandbytes (quantize bnb-*) are saved in transformers' own format, with config.json's
+`quantization_config` (see llmshrink/bnb.py), and rebuilt by `rebuild_layers` before the strict load.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from llmshrink import __version__
+from llmshrink.bnb import quantization_config, rebuild_layers
 from llmshrink.errors import LlmshrinkError
 from llmshrink.fileio import make_readable
 from llmshrink.modules import COMPRESSED_MODULES
@@ -138,6 +142,7 @@ def save_checkpoint(
     base = _base_architecture(model)
     layout = compressed_layout(model)
     attrs = module_attrs(model)
+    quantization = quantization_config(model)  # bitsandbytes layers, in transformers' format (bnb.py)
     manifest_text = _manifest_text(model, base, manifest)  # fails early if not JSON-serialisable
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
@@ -146,7 +151,7 @@ def save_checkpoint(
         _save_weights_and_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _patch_config(tmp, model, base, layout, attrs)
+        _patch_config(tmp, model, base, layout, attrs, quantization)
         _check_saved_keys(model, tmp)
         (tmp / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
         (tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
@@ -175,13 +180,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.
     if not (isinstance(base_cls, type) and issubclass(base_cls, transformers.PreTrainedModel)):
         raise LlmshrinkError(f"{path / 'config.json'}: {BASE_KEY}: {base!r} is not a transformers model class")
     config = transformers.AutoConfig.from_pretrained(path)
-    for key in ("auto_map", LAYOUT_KEY, ATTRS_KEY, BASE_KEY):  # a plain base config: no routing to remote code
+    # A plain base config: no routing to remote code, no quantization (the bnb layers are rebuilt below).
+    for key in ("auto_map", LAYOUT_KEY, ATTRS_KEY, BASE_KEY, "quantization_config"):
         if hasattr(config, key):
             delattr(config, key)
     config.architectures = [base_cls.__name__]
     model = _build(base_cls, config)
     apply_layout(model, layout)
     apply_module_attrs(model, attrs)
+    rebuild_layers(model, raw.get("quantization_config"), _weight_files(path), path / "config.json",
+                   torch.device(device))
     _load_weights(model, path)
     return model.to(device).eval()
 
@@ -251,8 +259,10 @@ def _save_weights_and_config(model: nn.Module, tmp: Path) -> None:
             setattr(config, key, value)
 
 
-def _patch_config(tmp: Path, model: nn.Module, base: str, layout: dict[str, Any], attrs: dict[str, Any]) -> None:
-    """Record the layout; point AutoModel* at the remote code when there are layers to rebuild."""
+def _patch_config(tmp: Path, model: nn.Module, base: str, layout: dict[str, Any], attrs: dict[str, Any],
+                  quantization: dict[str, Any] | None = None) -> None:
+    """Record the layout (and bnb quantization); point AutoModel* at the remote code when there are layers to
+    rebuild."""
     config_path = tmp / "config.json"
     config = _read_json(config_path)
     config[BASE_KEY] = base
@@ -260,6 +270,9 @@ def _patch_config(tmp: Path, model: nn.Module, base: str, layout: dict[str, Any]
     config.pop(ATTRS_KEY, None)
     if attrs:
         config[ATTRS_KEY] = attrs
+    config.pop("quantization_config", None)
+    if quantization:
+        config["quantization_config"] = quantization
     config.pop("auto_map", None)
     config["architectures"] = [base]
     if layout or attrs:

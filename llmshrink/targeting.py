@@ -15,7 +15,13 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def is_dense_layer(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """A float Linear/Conv1D whose weight a pass may read (bitsandbytes' layers subclass Linear but pack it)."""
+    return (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and not is_bnb_layer(module)
+
+
+def is_bnb_layer(module: nn.Module) -> bool:
+    # By module path, so that checking a model without bnb layers never imports bitsandbytes.
+    return type(module).__module__.startswith("bitsandbytes.")
 
 
 def layer_index(name: str) -> int | None:

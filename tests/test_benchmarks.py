@@ -80,3 +80,20 @@ def test_layers_heads_benchmark_prints_the_n_by_h_table():
     assert rows[30][1] == 1.0  # the dense base: every block, every head
     assert rows[27][1] < rows[30][1] and rows[30][3] < rows[30][1] and rows[27][3] < rows[27][1]  # smaller
     assert rows[30][2] > rows[30][0] and rows[27][0] > rows[30][0]  # each cut costs perplexity, no recovery
+
+
+@pytest.mark.slow
+def test_precision_benchmark_prints_ratios_against_fp32():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--methods", "fp32,int8-dynamic",
+           "--eval-tokens", "256", "--latency-repeats", "1", "--new-tokens", "8"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    number = r"([\d.]+)"
+    rows = {m.group(1): [float(x) for x in m.groups()[1:]] for m in re.finditer(
+        rf"^\| (fp32|int8-dynamic) \| [\d.]+ \| {number}x \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+ \| [\d.]+x \| "
+        rf"[\d.]+ \| {number}x \| [\d.]+ \| {number}x \|$", done.stdout, re.M)}
+    assert list(rows) == ["fp32", "int8-dynamic"]
+    assert rows["fp32"] == [1.0, 1.0, 1.0]
+    size, speed, ppl = rows["int8-dynamic"]
+    assert 0.3 < size < 0.5  # int8 blocks, the fp32 embedding (tied head) left as it was
+    assert speed > 0 and 0.95 < ppl < 1.2

@@ -78,6 +78,20 @@ def test_int8_dynamic_replaces_the_block_layers_keeps_head_and_reloads_exactly(t
     assert torch.equal(logits(reloaded), after)
 
 
+def test_untied_head_runs_in_int8_while_the_embedding_stays_float(tmp_path):
+    model = tiny_llama()
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    before = logits(model)
+    record = apply(model, QuantizeConfig(method="int8-dynamic", targets=r".*\.\d+\..*|lm_head",
+                                         tied_embeddings="untie"), ctx())
+    assert record["untied"] == ["lm_head"] and model.config.tie_word_embeddings is False
+    assert isinstance(model.lm_head, Int8DynamicLinear) and torch.equal(model.model.embed_tokens.weight, embedding)
+    after = logits(model)
+    assert 0 < relative(after, before) < 0.03
+    reloaded = load_checkpoint(save(model, tmp_path / "untied"))
+    assert isinstance(reloaded.lm_head, Int8DynamicLinear) and torch.equal(logits(reloaded), after)
+
+
 def test_compressed_layers_stay_in_their_precision_and_are_listed():
     model = tiny_llama()
     low_rank(model, LowRankConfig(targets=r".*mlp\.up_proj", rank=8), ctx())
@@ -90,10 +104,8 @@ def test_compressed_layers_stay_in_their_precision_and_are_listed():
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"method": "bnb-nf4"}, ".method: 'bnb-nf4' is not built yet in this version; available: "
-                                "fp16, bf16, int8-dynamic, got 'bnb-nf4'"),
         ({"method": "mixed"}, ".method: 'mixed' is not built yet in this version; available: "
-                              "fp16, bf16, int8-dynamic, got 'mixed'"),
+                              "fp16, bf16, int8-dynamic, bnb-nf4, bnb-fp4, bnb-int8, got 'mixed'"),
         ({"method": "int4"}, ".method: 'int4' is not a method; allowed: fp16, bf16, int8-dynamic, "
                              "bnb-nf4, bnb-fp4, bnb-int8, mixed, got 'int4'"),
         ({}, ".method: required field is missing"),
@@ -110,7 +122,7 @@ def test_tied_head_and_mixed_dtypes_are_refused():
     with pytest.raises(LlmshrinkError) as info:
         apply(model, QuantizeConfig(method="int8-dynamic", targets="lm_head"), ctx())
     assert str(info.value) == ("quantize.targets: lm_head shares its weight with model.embed_tokens "
-                               "(tied embeddings); exclude it (the default targets do)")
+                               "(tied embeddings); exclude it, or set tied_embeddings: untie to run it in int8 alone")
     model.model.layers[0].mlp.up_proj.to(torch.bfloat16)
     with pytest.raises(LlmshrinkError) as info:
         apply(model, QuantizeConfig(method="fp16"), ctx())

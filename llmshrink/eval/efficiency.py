@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -36,23 +37,24 @@ def _unique_params(model: nn.Module) -> dict[tuple, torch.Tensor]:
     return unique
 
 
-def _persistent_buffers(model: nn.Module) -> Iterator[torch.Tensor]:
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and name not in module._non_persistent_buffers_set:
-                yield buf
+def _weights(p: torch.Tensor) -> int:
+    """Weights a parameter holds: a bitsandbytes 4-bit one packs two per byte and keeps its shape aside."""
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None else p.numel()
 
 
 def count_params(model: nn.Module) -> int:
     """Number of unique parameters: tied or shared weights count once; buffers do not count."""
-    return sum(p.numel() for p in _unique_params(model).values())
+    return sum(_weights(p) for p in _unique_params(model).values())
 
 
 def count_bytes(model: nn.Module) -> int:
-    """Bytes of unique parameters plus persistent buffers: the tensor data a checkpoint stores."""
-    unique = _unique_params(model)
-    for buf in _persistent_buffers(model):
-        unique.setdefault(_storage_key(buf), buf)
+    """Bytes of the tensor data a checkpoint stores: the state dict (parameters, persistent buffers, and what
+    bitsandbytes layers add, e.g. 4-bit absmax and quant maps), each shared tensor once."""
+    unique: dict[tuple, torch.Tensor] = {}
+    for t in model.state_dict(keep_vars=True).values():
+        if isinstance(t, torch.Tensor):
+            unique.setdefault(_storage_key(t), t)
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 

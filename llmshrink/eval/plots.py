@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ def save_curves_png(path: str | os.PathLike, panels: Sequence[Panel]) -> Path:
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for name, (xs, ys) in panel.series.items():
             ax.plot(xs, ys, label=name, marker="o" if len(xs) < 20 else None, markersize=3)
-        ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
+        ax.set_title(textwrap.fill(panel.title, 48), fontsize=10)  # a long title wraps instead of being cut
         if panel.log_y:
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)

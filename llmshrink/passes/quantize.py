@@ -6,20 +6,31 @@
                              per output channel, activations quantized at run time, fbgemm's int8 GEMM on CPU. By
                              default only the layers inside the blocks: the (often tied) lm_head and embeddings,
                              the most sensitive layers, stay in float
+    method: bnb-nf4, bnb-fp4 the same targets become bitsandbytes' Linear4bit: a 4-bit NormalFloat / float
+                             code per weight, one absmax per block of 64 weights (double_quant: those absmax
+                             in 8 bits too), dequantized to compute_dtype for the matmul
+    method: bnb-int8         the same targets become bitsandbytes' Linear8bitLt (LLM.int8): int8 weights, one
+                             absmax per output row; input columns holding a value above int8_threshold run in
+                             fp16 against the dequantized weights, the rest in int8
+The bnb layers are those that transformers' load_in_4bit / load_in_8bit make: checkpoints hold transformers'
+bnb format (see llmshrink/bnb.py), and loading them needs bitsandbytes.
 
 llmshrink's own compressed layers (Kronecker, low-rank, ...) are left in their precision and listed in the record
-(`kept`). Not built yet, and refused when the recipe is read: bnb-nf4, bnb-fp4, bnb-int8 (bitsandbytes) and mixed
-(per-layer bit widths from a sensitivity measure).
+(`kept`). Not built yet, and refused when the recipe is read: mixed (per-layer bit widths from a sensitivity
+measure).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmshrink import bnb
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear, dense_weight
@@ -27,17 +38,31 @@ from llmshrink.passes.base import PassConfig, PassRecord
 from llmshrink.registry import register_pass
 from llmshrink.targeting import find_targets, replace_module, shared_weight_names
 
-BUILT = ("fp16", "bf16", "int8-dynamic")
-PLANNED = ("bnb-nf4", "bnb-fp4", "bnb-int8", "mixed")
+BUILT = ("fp16", "bf16", "int8-dynamic", *bnb.METHODS)
+PLANNED = ("mixed",)
 CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class QuantizeConfig(PassConfig):
     method: str = Field(..., description=f"one of {', '.join(BUILT)} ({', '.join(PLANNED)}: not built yet)")
     targets: str = Field(
-        r".*\.\d+\..*", description="int8-dynamic: regex over full Linear/Conv1D names (default: inside the blocks)"
+        r".*\.\d+\..*",
+        description="int8-dynamic, bnb-*: regex over full Linear/Conv1D names (default: inside the blocks)",
     )
-    exclude: str | None = Field(None, description="int8-dynamic: regex of layer names to leave in float")
+    exclude: str | None = Field(
+        None, description="int8-dynamic, bnb-*: regex of layer names to leave in float"
+    )
+    tied_embeddings: Literal["refuse", "untie"] = Field(
+        "refuse", description="int8-dynamic, bnb-*, a target tied to the embeddings (lm_head): refuse, or "
+        "untie it so that it runs quantized while the embedding stays float (more bytes, faster decode)",
+    )
+    double_quant: bool = Field(True, description="bnb-nf4, bnb-fp4: store the per-block absmax in 8 bits too")
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bnb-nf4, bnb-fp4: dtype the 4-bit weights are dequantized to for the matmul"
+    )
+    int8_threshold: float = Field(
+        6.0, ge=0.0, description="bnb-int8: input columns with a value above this run in fp16 (0 = none)"
+    )
 
     @field_validator("method")
     @classmethod
@@ -50,16 +75,35 @@ class QuantizeConfig(PassConfig):
             raise PydanticCustomError("method", f"{method!r} is not a method; allowed: {', '.join(BUILT + PLANNED)}")
         return method
 
+    @field_validator("double_quant", "compute_dtype", "int8_threshold")
+    @classmethod
+    def _for_its_method(cls, value: object, info: ValidationInfo) -> object:
+        # Runs only for keys the recipe sets: a setting of another method is a misplaced key, not a no-op.
+        methods = list(bnb.FOUR_BIT) if info.field_name != "int8_threshold" else ["bnb-int8"]
+        method = info.data.get("method")
+        if method is not None and method not in methods:
+            raise PydanticCustomError("method_setting",
+                                      f"only for method {' or '.join(methods)}, not {method!r}")
+        return value
+
+    def bnb_spec(self) -> bnb.BnbSpec:
+        return bnb.BnbSpec(self.method, self.double_quant, self.compute_dtype, self.int8_threshold)
+
 
 def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
     if cfg.method in CASTS:
         return cast(model, CASTS[cfg.method], cfg.method)
+    if cfg.method in bnb.METHODS:
+        return bnb_quantize(model, cfg, ctx)
     return int8_dynamic(model, cfg, ctx)
 
 
 def cast(model: nn.Module, dtype: torch.dtype, method: str) -> PassRecord:
     if any(isinstance(m, Int8DynamicLinear) for m in model.modules()):
         raise LlmshrinkError(f"quantize.method: {method} after int8-dynamic is not supported; cast first")
+    if any(bnb.is_bnb_layer(m) for m in model.modules()):
+        raise LlmshrinkError(f"quantize.method: {method} after bitsandbytes is not supported; cast first "
+                             "(bnb-nf4 and bnb-fp4 take compute_dtype: bfloat16)")
     before = _tensor_bytes(model)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     if dtypes != ["float32"] and dtypes != [str(dtype).removeprefix("torch.")]:
@@ -79,20 +123,13 @@ def cast(model: nn.Module, dtype: torch.dtype, method: str) -> PassRecord:
 def int8_dynamic(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         ctx.log("  quantize: no fbgemm on this machine: Int8DynamicLinear computes with dequantized weights")
-    targets = find_targets(model, cfg.targets, cfg.exclude, field="quantize.targets")
-    for name, module in targets:
-        tied_to = shared_weight_names(model, name)
-        if tied_to:
-            raise LlmshrinkError(
-                f"quantize.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
-                "exclude it (the default targets do)"
-            )
-        if dense_weight(module).dtype != torch.float32:
-            raise LlmshrinkError(f"quantize.method: int8-dynamic needs float32 layers; {name} is "
-                                 f"{str(dense_weight(module).dtype).removeprefix('torch.')}")
-    layers = []
+    targets = _checked_targets(model, cfg)
+    layers, untied = [], []
     for name, module in tqdm(targets, desc="quantize", unit="layer", leave=False):
         weight = dense_weight(module)
+        if shared_weight_names(model, name):  # untie: the embedding keeps the float tensor, the head its copy
+            untied.append(name)
+            model.config.tie_word_embeddings = False
         new = Int8DynamicLinear.from_linear(module)
         with torch.no_grad():
             error = float((new.to_dense() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
@@ -107,8 +144,68 @@ def int8_dynamic(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRec
             f"{sum(layer['rel_error'] for layer in layers) / len(layers):.4f}"
             + (f"; {len(kept)} compressed layers kept in their precision" if kept else ""))
     before, after = sum(lay["bytes_before"] for lay in layers), sum(lay["bytes_after"] for lay in layers)
-    return {"method": cfg.method, "layers": layers, "kept": kept, "bytes_before": before, "bytes_after": after,
+    return {"method": cfg.method, "layers": layers, "kept": kept, "untied": untied, "bytes_before": before,
+            "bytes_after": after, "ratio": round(after / before, 6)}
+
+
+def bnb_quantize(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
+    from llmshrink.modules import COMPRESSED_MODULES
+
+    if any(bnb.is_bnb_layer(m) for m in model.modules()):
+        # One quantization_config describes a checkpoint's bnb layers: a second bnb method could not be saved.
+        raise LlmshrinkError(f"quantize.method: {cfg.method}: the model already has bitsandbytes layers; "
+                             "quantize with bitsandbytes once")
+    compressed = tuple(COMPRESSED_MODULES.values())
+    # Compressed layers that are nn.Linear subclasses (pruned, fake-quant) stay as they are: transformers
+    # would not rebuild them as bnb layers on load, so the checkpoint would not load without llmshrink.
+    targets = _checked_targets(model, cfg, skip=compressed)
+    if not targets:
+        raise LlmshrinkError(f"quantize.targets: {cfg.targets!r} matches only llmshrink's compressed layers, "
+                             "which stay in their precision; nothing to quantize")
+    spec = cfg.bnb_spec()
+    bnb.check_runs(spec, dense_weight(targets[0][1]).device)
+    layers, untied = [], []
+    for name, module in tqdm(targets, desc="quantize", unit="layer", leave=False):
+        weight = dense_weight(module)
+        if shared_weight_names(model, name):  # untie: the embedding keeps the float tensor, the head its copy
+            untied.append(name)
+            model.config.tie_word_embeddings = False
+        # In the mode of the layer it replaces: bnb-int8 on CPU computes differently in training mode.
+        new = bnb.quantize_layer(weight, getattr(module, "bias", None), spec).train(module.training)
+        with torch.no_grad():
+            error = float((bnb.dequantized_weight(new) - weight).norm() / weight.norm().clamp(min=1e-30))
+        replace_module(model, name, new)
+        layers.append({"name": name, "shape": list(weight.shape), "rel_error": round(error, 6),
+                       "bytes_before": _tensor_bytes(module), "bytes_after": _tensor_bytes(new)})
+    kept = [name for name, m in model.named_modules() if isinstance(m, compressed)]
+    ctx.log(f"  quantize: {len(layers)} layers to {cfg.method}, mean rel. weight error "
+            f"{sum(layer['rel_error'] for layer in layers) / len(layers):.4f}"
+            + (f"; {len(kept)} compressed layers kept in their precision" if kept else ""))
+    before, after = sum(lay["bytes_before"] for lay in layers), sum(lay["bytes_after"] for lay in layers)
+    version = bnb.import_bnb(f"quantize.method: {cfg.method}").__version__
+    return {"method": cfg.method, "bitsandbytes": {**spec.settings(), "version": version},
+            "layers": layers, "kept": kept, "untied": untied, "bytes_before": before, "bytes_after": after,
             "ratio": round(after / before, 6)}
+
+
+def _checked_targets(
+    model: nn.Module, cfg: QuantizeConfig, skip: tuple[type, ...] = ()
+) -> list[tuple[str, nn.Module]]:
+    """The float32 Linear/Conv1D layers to quantize, except `skip` ones and bnb layers (quantized already)."""
+    found = find_targets(model, cfg.targets, cfg.exclude, field="quantize.targets")
+    targets = [(name, m) for name, m in found if not bnb.is_bnb_layer(m) and not isinstance(m, skip)]
+    precision = "4-bit" if cfg.method in bnb.FOUR_BIT else "int8"
+    for name, module in targets:
+        if shared_weight_names(model, name) and cfg.tied_embeddings == "refuse":
+            tied_to = ", ".join(shared_weight_names(model, name))
+            raise LlmshrinkError(
+                f"quantize.targets: {name} shares its weight with {tied_to} (tied embeddings); exclude it, "
+                f"or set tied_embeddings: untie to run it in {precision} alone"
+            )
+        if dense_weight(module).dtype != torch.float32:
+            raise LlmshrinkError(f"quantize.method: {cfg.method} needs float32 layers; {name} is "
+                                 f"{str(dense_weight(module).dtype).removeprefix('torch.')}")
+    return targets
 
 
 def _tensor_bytes(module: nn.Module) -> int:
