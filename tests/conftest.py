@@ -121,3 +121,22 @@ def calibrated(tokens: int = 300, seed: int = 0):
 
     ids = torch.randint(0, 100, (tokens,), generator=torch.Generator().manual_seed(seed))
     return Calibrated(tokenizer=None, log=lambda _: None)
+
+
+def quiet_ctx():
+    """A context with no data and no logging, for passes that need neither."""
+    from llmshrink.context import Context
+
+    return Context(tokenizer=None, log=lambda _: None)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def save_tiny(model, out):
+    """save_checkpoint with the tiny tokenizer and placeholder recipe, manifest and card."""
+    from llmshrink.checkpoint import save_checkpoint
+
+    return save_checkpoint(model, tiny_tokenizer(), out, recipe_text="name: t\n", manifest={"name": "t"},
+                           model_card="# t\n")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import quiet_ctx, relative, save_tiny, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
-from llmshrink.checkpoint import load_checkpoint, save_checkpoint
-from llmshrink.context import Context
+from llmshrink.checkpoint import load_checkpoint
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear
 from llmshrink.modules.low_rank import LowRankLinear
@@ -24,22 +21,12 @@ IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 9
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
 
 
-def ctx() -> Context:
-    return Context(tokenizer=None, log=lambda _: None)
-
 
 @torch.no_grad()
 def logits(model: nn.Module) -> torch.Tensor:
     return model(IDS).logits.float()
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def save(model: nn.Module, out: Path) -> Path:
-    return save_checkpoint(model, tiny_tokenizer(), out, recipe_text="name: t\n", manifest={"name": "t"},
-                           model_card="# t\n")
 
 
 @pytest.mark.parametrize(("method", "dtype", "bound"), [("fp16", torch.float16, 2e-3), ("bf16", torch.bfloat16, 2e-2)])
@@ -47,12 +34,12 @@ def save(model: nn.Module, out: Path) -> Path:
 def test_casts_halve_the_bytes_stay_close_and_reload_in_their_dtype(tmp_path, family, method, dtype, bound):
     model = BUILDERS[family]()
     before = logits(model)
-    record = apply(model, QuantizeConfig(method=method), ctx())
+    record = apply(model, QuantizeConfig(method=method), quiet_ctx())
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert record["bytes_after"] * 2 == record["bytes_before"]
     after = logits(model)
     assert 0 < relative(after, before) < bound
-    reloaded = load_checkpoint(save(model, tmp_path / family))
+    reloaded = load_checkpoint(save_tiny(model, tmp_path / family))
     assert {p.dtype for p in reloaded.parameters()} == {dtype}
     assert torch.equal(logits(reloaded), after)
 
@@ -62,7 +49,7 @@ def test_int8_dynamic_replaces_the_block_layers_keeps_head_and_reloads_exactly(t
     model = BUILDERS[family]()
     dense = {name: m for name, m in model.named_modules() if is_dense_layer(m)}
     before = logits(model)
-    record = apply(model, QuantizeConfig(method="int8-dynamic"), ctx())
+    record = apply(model, QuantizeConfig(method="int8-dynamic"), quiet_ctx())
     in_blocks = [name for name in dense if ".0." in name or ".1." in name]
     assert [layer["name"] for layer in record["layers"]] == in_blocks and len(in_blocks) >= 4
     for name, module in model.named_modules():
@@ -74,7 +61,7 @@ def test_int8_dynamic_replaces_the_block_layers_keeps_head_and_reloads_exactly(t
     assert 0.25 < record["ratio"] < 0.3
     after = logits(model)
     assert 0 < relative(after, before) < 0.02  # weights and activations each rounded to 8 bits
-    reloaded = load_checkpoint(save(model, tmp_path / family))
+    reloaded = load_checkpoint(save_tiny(model, tmp_path / family))
     assert torch.equal(logits(reloaded), after)
 
 
@@ -83,19 +70,19 @@ def test_untied_head_runs_in_int8_while_the_embedding_stays_float(tmp_path):
     embedding = model.model.embed_tokens.weight.detach().clone()
     before = logits(model)
     record = apply(model, QuantizeConfig(method="int8-dynamic", targets=r".*\.\d+\..*|lm_head",
-                                         tied_embeddings="untie"), ctx())
+                                         tied_embeddings="untie"), quiet_ctx())
     assert record["untied"] == ["lm_head"] and model.config.tie_word_embeddings is False
     assert isinstance(model.lm_head, Int8DynamicLinear) and torch.equal(model.model.embed_tokens.weight, embedding)
     after = logits(model)
     assert 0 < relative(after, before) < 0.03
-    reloaded = load_checkpoint(save(model, tmp_path / "untied"))
+    reloaded = load_checkpoint(save_tiny(model, tmp_path / "untied"))
     assert isinstance(reloaded.lm_head, Int8DynamicLinear) and torch.equal(logits(reloaded), after)
 
 
 def test_compressed_layers_stay_in_their_precision_and_are_listed():
     model = tiny_llama()
-    low_rank(model, LowRankConfig(targets=r".*mlp\.up_proj", rank=8), ctx())
-    record = apply(model, QuantizeConfig(method="int8-dynamic"), ctx())
+    low_rank(model, LowRankConfig(targets=r".*mlp\.up_proj", rank=8), quiet_ctx())
+    record = apply(model, QuantizeConfig(method="int8-dynamic"), quiet_ctx())
     assert record["kept"] == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
     assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8DynamicLinear)
@@ -120,13 +107,13 @@ def test_bad_config_is_one_line(body, message):
 def test_tied_head_and_mixed_dtypes_are_refused():
     model = tiny_llama()
     with pytest.raises(LlmshrinkError) as info:
-        apply(model, QuantizeConfig(method="int8-dynamic", targets="lm_head"), ctx())
+        apply(model, QuantizeConfig(method="int8-dynamic", targets="lm_head"), quiet_ctx())
     assert str(info.value) == ("quantize.targets: lm_head shares its weight with model.embed_tokens "
                                "(tied embeddings); exclude it, or set tied_embeddings: untie to run it in int8 alone")
     model.model.layers[0].mlp.up_proj.to(torch.bfloat16)
     with pytest.raises(LlmshrinkError) as info:
-        apply(model, QuantizeConfig(method="fp16"), ctx())
+        apply(model, QuantizeConfig(method="fp16"), quiet_ctx())
     assert str(info.value) == "quantize.method: fp16 needs a float32 model; its parameters are ['bfloat16', 'float32']"
-    apply(tiny_llama(), QuantizeConfig(method="int8-dynamic"), ctx())
+    apply(tiny_llama(), QuantizeConfig(method="int8-dynamic"), quiet_ctx())
     with pytest.raises(LlmshrinkError, match=r"^quantize.targets: 'nothing' matches no Linear/Conv1D layer"):
-        apply(tiny_llama(), QuantizeConfig(method="int8-dynamic", targets="nothing"), ctx())
+        apply(tiny_llama(), QuantizeConfig(method="int8-dynamic", targets="nothing"), quiet_ctx())

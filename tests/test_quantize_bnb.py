@@ -12,14 +12,13 @@ from pathlib import Path
 import bitsandbytes
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, quiet_ctx, relative, save_tiny, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import llmshrink
-from llmshrink.checkpoint import load_checkpoint, save_checkpoint
-from llmshrink.context import Context
+from llmshrink.checkpoint import load_checkpoint
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.low_rank import LowRankLinear
 from llmshrink.modules.pruned import PrunedLinear
@@ -46,22 +45,12 @@ HF_SETTINGS = {
 }
 
 
-def ctx() -> Context:
-    return Context(tokenizer=None, log=lambda _: None)
-
 
 @torch.no_grad()
 def logits(model: nn.Module) -> torch.Tensor:
     return model(IDS).logits.float()
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def save(model: nn.Module, out: Path) -> Path:
-    return save_checkpoint(model, tiny_tokenizer(), out, recipe_text="name: t\n", manifest={"name": "t"},
-                           model_card="# t\n")
 
 
 def plain_transformers(path: Path, **kwargs) -> nn.Module:
@@ -96,7 +85,7 @@ def test_each_method_quantizes_the_block_layers_within_bounds_and_reloads_exactl
     dense = [name for name, m in model.named_modules() if is_dense_layer(m)]
     in_blocks = [name for name in dense if ".0." in name or ".1." in name]
     before = logits(model)
-    record = apply(model, QuantizeConfig(method=method), ctx())
+    record = apply(model, QuantizeConfig(method=method), quiet_ctx())
     assert [layer["name"] for layer in record["layers"]] == in_blocks and len(in_blocks) >= 8
     assert all(isinstance(model.get_submodule(name), LAYER[method]) for name in in_blocks)
     assert type(model.lm_head) is nn.Linear and record["kept"] == [] and record["untied"] == []
@@ -119,7 +108,7 @@ def test_each_method_quantizes_the_block_layers_within_bounds_and_reloads_exactl
     after = logits(model)
     assert 0 < relative(after, before) < logits_bound
 
-    out = save(model, tmp_path / family)
+    out = save_tiny(model, tmp_path / family)
     assert saved_config(out)["quantization_config"] == hf_config(method, ["lm_head"])
     reloaded = load_checkpoint(out)
     assert all(isinstance(reloaded.get_submodule(name), LAYER[method]) for name in in_blocks)
@@ -135,7 +124,7 @@ def test_layers_equal_transformers_own_quantization_of_the_float_model(tmp_path,
     """The same codes as `from_pretrained(..., quantization_config=...)`: GPT-2's Conv1D transposed right."""
     model = BUILDERS[family]()
     model.save_pretrained(tmp_path / "float")
-    apply(model, QuantizeConfig(method=method), ctx())
+    apply(model, QuantizeConfig(method=method), quiet_ctx())
     theirs = plain_transformers(tmp_path / "float", quantization_config=BitsAndBytesConfig(
         **HF_SETTINGS[method], llm_int8_skip_modules=["lm_head"]))
     ours, reference = model.state_dict(), theirs.state_dict()
@@ -148,7 +137,7 @@ def test_double_quant_stores_the_block_absmax_in_8_bits(tmp_path):
     models, records = {}, {}
     for double in (True, False):
         models[double] = tiny_llama()
-        records[double] = apply(models[double], QuantizeConfig(method="bnb-nf4", double_quant=double), ctx())
+        records[double] = apply(models[double], QuantizeConfig(method="bnb-nf4", double_quant=double), quiet_ctx())
         assert records[double]["bitsandbytes"]["double_quant"] is double
     dq, plain = (models[d].model.layers[0].mlp.up_proj.state_dict() for d in (True, False))
     # Same 4-bit codes (each block is rounded against its exact absmax), one absmax per block of 64 weights:
@@ -162,7 +151,7 @@ def test_double_quant_stores_the_block_absmax_in_8_bits(tmp_path):
     assert records[True]["bytes_after"] > records[False]["bytes_after"]
     with_dq, without = logits(models[True]), logits(models[False])
     assert 0 < relative(with_dq, without) < 0.01  # only the absmax rounding differs (measured 0.0017)
-    out = save(models[False], tmp_path / "no-dq")
+    out = save_tiny(models[False], tmp_path / "no-dq")
     assert saved_config(out)["quantization_config"]["bnb_4bit_use_double_quant"] is False
     assert saved_tensors(out, "model.layers.0.mlp.up_proj.weight.absmax")[""].dtype == torch.float32
     assert torch.equal(logits(load_checkpoint(out)), without)
@@ -171,10 +160,10 @@ def test_double_quant_stores_the_block_absmax_in_8_bits(tmp_path):
 
 def test_bfloat16_compute_runs_bf16_matmuls_and_reloads_exactly(tmp_path):
     reference = tiny_gpt2()  # GPT-2: Conv1D layers with biases
-    apply(reference, QuantizeConfig(method="bnb-nf4"), ctx())
+    apply(reference, QuantizeConfig(method="bnb-nf4"), quiet_ctx())
     model = tiny_gpt2()
     before = logits(model)
-    record = apply(model, QuantizeConfig(method="bnb-nf4", compute_dtype="bfloat16"), ctx())
+    record = apply(model, QuantizeConfig(method="bnb-nf4", compute_dtype="bfloat16"), quiet_ctx())
     assert record["bitsandbytes"]["compute_dtype"] == "bfloat16"
     layer = model.transformer.h[0].mlp.c_fc
     assert layer.compute_dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
@@ -186,7 +175,7 @@ def test_bfloat16_compute_runs_bf16_matmuls_and_reloads_exactly(tmp_path):
     # Same 4-bit weights, matmuls in bf16: close to fp32 compute (measured 0.0026), and as far from float.
     assert 0 < relative(after, logits(reference)) < 0.01
     assert 0 < relative(after, before) < BOUNDS["bnb-nf4"][1]
-    out = save(model, tmp_path / "bf16")
+    out = save_tiny(model, tmp_path / "bf16")
     assert saved_config(out)["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
     reloaded = load_checkpoint(out)
     assert reloaded.transformer.h[0].mlp.c_fc.compute_dtype == torch.bfloat16
@@ -195,7 +184,7 @@ def test_bfloat16_compute_runs_bf16_matmuls_and_reloads_exactly(tmp_path):
 
 def test_tied_head_is_refused_and_an_untied_head_runs_quantized(tmp_path):
     with pytest.raises(LlmshrinkError) as info:
-        apply(tiny_llama(), QuantizeConfig(method="bnb-nf4", targets="lm_head"), ctx())
+        apply(tiny_llama(), QuantizeConfig(method="bnb-nf4", targets="lm_head"), quiet_ctx())
     assert str(info.value) == ("quantize.targets: lm_head shares its weight with model.embed_tokens (tied "
                                "embeddings); exclude it, or set tied_embeddings: untie to run it in 4-bit "
                                "alone")
@@ -203,13 +192,13 @@ def test_tied_head_is_refused_and_an_untied_head_runs_quantized(tmp_path):
     embedding = model.model.embed_tokens.weight.detach().clone()
     before = logits(model)
     record = apply(model, QuantizeConfig(method="bnb-int8", targets=r".*\.\d+\..*|lm_head",
-                                         tied_embeddings="untie"), ctx())
+                                         tied_embeddings="untie"), quiet_ctx())
     assert record["untied"] == ["lm_head"] and model.config.tie_word_embeddings is False
     assert isinstance(model.lm_head, bitsandbytes.nn.Linear8bitLt)
     assert torch.equal(model.model.embed_tokens.weight, embedding)
     after = logits(model)
     assert 0 < relative(after, before) < 0.02  # measured 0.0114
-    out = save(model, tmp_path / "untied")
+    out = save_tiny(model, tmp_path / "untied")
     assert saved_config(out)["quantization_config"] == hf_config("bnb-int8", [])
     reloaded = load_checkpoint(out)
     assert isinstance(reloaded.lm_head, bitsandbytes.nn.Linear8bitLt) and torch.equal(logits(reloaded), after)
@@ -225,7 +214,7 @@ def test_int8_threshold_is_llm_int8s_outlier_split_and_is_saved():
         dense = model.model.layers[0].mlp.up_proj
         with torch.no_grad():
             want = dense(x)
-        apply(model, QuantizeConfig(method="bnb-int8", int8_threshold=threshold), ctx())
+        apply(model, QuantizeConfig(method="bnb-int8", int8_threshold=threshold), quiet_ctx())
         layer = model.model.layers[0].mlp.up_proj
         assert layer.state.threshold == threshold
         with torch.no_grad():
@@ -237,8 +226,8 @@ def test_int8_threshold_is_llm_int8s_outlier_split_and_is_saved():
 
 def test_threshold_zero_reloads_with_threshold_zero(tmp_path):
     model = tiny_gpt2()
-    apply(model, QuantizeConfig(method="bnb-int8", int8_threshold=0.0), ctx())
-    out = save(model, tmp_path / "t0")
+    apply(model, QuantizeConfig(method="bnb-int8", int8_threshold=0.0), quiet_ctx())
+    out = save_tiny(model, tmp_path / "t0")
     want = hf_config("bnb-int8", ["lm_head"], llm_int8_threshold=0.0)
     assert saved_config(out)["quantization_config"] == want
     for reloaded in (load_checkpoint(out), plain_transformers(out)):
@@ -268,12 +257,12 @@ def test_compressed_layers_stay_and_the_checkpoint_loads_without_llmshrink(tmp_p
     cases = (("llama", "bnb-nf4", r".*mlp\.up_proj"), ("gpt2", "bnb-int8", r".*mlp\.c_fc"))
     for family, method, targets in cases:
         model = BUILDERS[family]()
-        low_rank(model, LowRankConfig(targets=targets, rank=8), ctx())
-        record = apply(model, QuantizeConfig(method=method), ctx())
+        low_rank(model, LowRankConfig(targets=targets, rank=8), quiet_ctx())
+        record = apply(model, QuantizeConfig(method=method), quiet_ctx())
         compressed = [name for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
         assert record["kept"] == compressed and len(compressed) == 2
         assert not any(layer["name"] in compressed for layer in record["layers"])
-        out = save(model, tmp_path / family)
+        out = save_tiny(model, tmp_path / family)
         config = saved_config(out)
         assert config["llmshrink_layout"] and config["quantization_config"]["quant_method"] == "bitsandbytes"
         reloaded = load_checkpoint(out)
@@ -296,20 +285,20 @@ def test_compressed_layers_stay_and_the_checkpoint_loads_without_llmshrink(tmp_p
 
 def test_what_cannot_be_quantized_is_refused_in_one_line():
     model = tiny_llama()
-    apply(model, QuantizeConfig(method="bnb-nf4"), ctx())
+    apply(model, QuantizeConfig(method="bnb-nf4"), quiet_ctx())
     for method in ("bnb-int8", "bnb-fp4"):
         with pytest.raises(LlmshrinkError) as info:
-            apply(model, QuantizeConfig(method=method), ctx())
+            apply(model, QuantizeConfig(method=method), quiet_ctx())
         assert str(info.value) == (f"quantize.method: {method}: the model already has bitsandbytes layers; "
                                    "quantize with bitsandbytes once")
     with pytest.raises(LlmshrinkError) as info:
-        apply(model, QuantizeConfig(method="bf16"), ctx())
+        apply(model, QuantizeConfig(method="bf16"), quiet_ctx())
     assert str(info.value) == ("quantize.method: bf16 after bitsandbytes is not supported; cast first "
                                "(bnb-nf4 and bnb-fp4 take compute_dtype: bfloat16)")
     model = tiny_llama()
     model.model.layers[1].mlp.down_proj.to(torch.bfloat16)
     with pytest.raises(LlmshrinkError) as info:
-        apply(model, QuantizeConfig(method="bnb-fp4"), ctx())
+        apply(model, QuantizeConfig(method="bnb-fp4"), quiet_ctx())
     assert str(info.value) == ("quantize.method: bnb-fp4 needs float32 layers; model.layers.1.mlp.down_proj "
                                "is bfloat16")
     model = tiny_llama()
@@ -317,10 +306,10 @@ def test_what_cannot_be_quantized_is_refused_in_one_line():
     model.model.layers[0].mlp.up_proj = pruned
     targets = r".*0\.mlp\.up_proj"
     with pytest.raises(LlmshrinkError) as info:
-        apply(model, QuantizeConfig(method="bnb-nf4", targets=targets), ctx())
+        apply(model, QuantizeConfig(method="bnb-nf4", targets=targets), quiet_ctx())
     assert str(info.value) == (f"quantize.targets: {targets!r} matches only llmshrink's compressed layers, "
                                "which stay in their precision; nothing to quantize")
-    record = apply(model, QuantizeConfig(method="bnb-nf4"), ctx())
+    record = apply(model, QuantizeConfig(method="bnb-nf4"), quiet_ctx())
     assert record["kept"] == ["model.layers.0.mlp.up_proj"] and model.model.layers[0].mlp.up_proj is pruned
 
 
@@ -333,14 +322,14 @@ def test_a_method_bitsandbytes_cannot_run_here_is_refused_in_one_line(monkeypatc
     monkeypatch.setattr(bitsandbytes.nn.Linear8bitLt, "forward", no_kernel)
     model = tiny_gpt2()
     with pytest.raises(LlmshrinkError) as info:
-        apply(model, QuantizeConfig(method="bnb-int8"), ctx())
+        apply(model, QuantizeConfig(method="bnb-int8"), quiet_ctx())
     assert str(info.value) == (f"quantize.method: bnb-int8 cannot run on cpu with bitsandbytes "
                                f"{bitsandbytes.__version__} (no int8 matmul kernel for this device); runs "
                                "here: fp16, bf16, int8-dynamic, bnb-nf4, bnb-fp4")
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # refused before any change
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as where bitsandbytes is not installed
     with pytest.raises(LlmshrinkError) as info:
-        apply(model, QuantizeConfig(method="bnb-nf4"), ctx())
+        apply(model, QuantizeConfig(method="bnb-nf4"), quiet_ctx())
     assert str(info.value) == ("quantize.method: bnb-nf4 needs bitsandbytes, which cannot be imported "
                                "(import of bitsandbytes halted; None in sys.modules); use one of fp16, bf16, "
                                "int8-dynamic")
@@ -348,15 +337,15 @@ def test_a_method_bitsandbytes_cannot_run_here_is_refused_in_one_line(monkeypatc
 
 def test_a_checkpoint_whose_bnb_config_is_missing_or_foreign_is_refused_in_one_line(tmp_path):
     model = tiny_llama()
-    apply(model, QuantizeConfig(method="bnb-nf4"), ctx())
+    apply(model, QuantizeConfig(method="bnb-nf4"), quiet_ctx())
     model.model.layers[1].mlp.up_proj.compute_dtype = torch.bfloat16  # one quantization_config cannot say it
     pattern = (r"^cannot save: model.layers.0.self_attn.q_proj and model.layers.1.mlp.up_proj are "
                r"bitsandbytes layers with different settings \(.*\); one quantization_config holds one$")
     with pytest.raises(LlmshrinkError, match=pattern):
-        save(model, tmp_path / "mixed")
+        save_tiny(model, tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
     model.model.layers[1].mlp.up_proj.compute_dtype = torch.float32
-    out = save(model, tmp_path / "q")
+    out = save_tiny(model, tmp_path / "q")
     config = saved_config(out)
     for change, message in (
         ({"quantization_config": None},
