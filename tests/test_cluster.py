@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 from torch import nn
 
@@ -266,12 +266,7 @@ def test_packed_indices_halve_the_bytes_on_disk(tmp_path):
     assert size["k16"] < size["k17"] < size["dense"]
 
 
-REMOTE_SCRIPT = r"""
-import sys
-sys.path = [p for p in sys.path if p not in (%(repo)r, "")]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
-                 and "editable" not in getattr(f, "__name__", "").lower()]
-import torch
+REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
 import transformers
 torch.set_num_threads(1)  # as in the test process: matmul results depend on the thread split
 ids = torch.load(%(ids)r)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 from torch import nn
 
@@ -322,12 +322,7 @@ def test_half_sparsity_shrinks_the_safetensors_file(tmp_path):
     assert block_weights * (4 - 2.125) - 4096 <= saved <= block_weights * (4 - 2.125)  # up to header growth
 
 
-REMOTE_SCRIPT = r"""
-import sys
-sys.path = [p for p in sys.path if p not in (%(repo)r, "")]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
-                 and "editable" not in getattr(f, "__name__", "").lower()]
-import torch
+REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
 import transformers
 torch.set_num_threads(1)  # as in the test process: matmul results depend on the thread split
 ids = torch.load(%(ids)r)
