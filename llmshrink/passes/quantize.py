@@ -22,6 +22,7 @@ measure).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -124,28 +125,12 @@ def int8_dynamic(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRec
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         ctx.log("  quantize: no fbgemm on this machine: Int8DynamicLinear computes with dequantized weights")
     targets = _checked_targets(model, cfg)
-    layers, untied = [], []
-    for name, module in tqdm(targets, desc="quantize", unit="layer", leave=False):
-        weight = dense_weight(module)
-        if shared_weight_names(model, name):  # untie: the embedding keeps the float tensor, the head its copy
-            untied.append(name)
-            model.config.tie_word_embeddings = False
-        new = Int8DynamicLinear.from_linear(module)
-        with torch.no_grad():
-            error = float((new.to_dense() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
-        replace_module(model, name, new)
-        layers.append({"name": name, "shape": list(weight.shape), "rel_error": round(error, 6),
-                       "bytes_before": _tensor_bytes(module), "bytes_after": _tensor_bytes(new)})
+    layers, untied = _swap_layers(model, targets, Int8DynamicLinear.from_linear, lambda new: new.to_dense())
     from llmshrink.modules import COMPRESSED_MODULES
 
     others = tuple(cls for cls in COMPRESSED_MODULES.values() if cls is not Int8DynamicLinear)
     kept = [name for name, m in model.named_modules() if others and isinstance(m, others)]
-    ctx.log(f"  quantize: {len(layers)} layers to int8 (per-channel), mean rel. weight error "
-            f"{sum(layer['rel_error'] for layer in layers) / len(layers):.4f}"
-            + (f"; {len(kept)} compressed layers kept in their precision" if kept else ""))
-    before, after = sum(lay["bytes_before"] for lay in layers), sum(lay["bytes_after"] for lay in layers)
-    return {"method": cfg.method, "layers": layers, "kept": kept, "untied": untied, "bytes_before": before,
-            "bytes_after": after, "ratio": round(after / before, 6)}
+    return {"method": cfg.method, **_summary(layers, kept, "int8 (per-channel)", ctx), "untied": untied}
 
 
 def bnb_quantize(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
@@ -164,27 +149,41 @@ def bnb_quantize(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRec
                              "which stay in their precision; nothing to quantize")
     spec = cfg.bnb_spec()
     bnb.check_runs(spec, dense_weight(targets[0][1]).device)
+    # In the mode of the layer it replaces: bnb-int8 on CPU computes differently in training mode.
+    layers, untied = _swap_layers(
+        model, targets, lambda m: bnb.quantize_layer(dense_weight(m), getattr(m, "bias", None), spec).train(m.training),
+        bnb.dequantized_weight,
+    )
+    kept = [name for name, m in model.named_modules() if isinstance(m, compressed)]
+    version = bnb.import_bnb(f"quantize.method: {cfg.method}").__version__
+    return {"method": cfg.method, "bitsandbytes": {**spec.settings(), "version": version},
+            **_summary(layers, kept, cfg.method, ctx), "untied": untied}
+
+
+def _swap_layers(model: nn.Module, targets: list[tuple[str, nn.Module]], build: Callable[[nn.Module], nn.Module],
+                 dequantize: Callable[[nn.Module], torch.Tensor]) -> tuple[list[dict], list[str]]:
+    """Replace each target by build(target); (a record per layer, the tied heads that were untied)."""
     layers, untied = [], []
     for name, module in tqdm(targets, desc="quantize", unit="layer", leave=False):
         weight = dense_weight(module)
         if shared_weight_names(model, name):  # untie: the embedding keeps the float tensor, the head its copy
             untied.append(name)
             model.config.tie_word_embeddings = False
-        # In the mode of the layer it replaces: bnb-int8 on CPU computes differently in training mode.
-        new = bnb.quantize_layer(weight, getattr(module, "bias", None), spec).train(module.training)
+        new = build(module)
         with torch.no_grad():
-            error = float((bnb.dequantized_weight(new) - weight).norm() / weight.norm().clamp(min=1e-30))
+            error = float((dequantize(new) - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
         replace_module(model, name, new)
         layers.append({"name": name, "shape": list(weight.shape), "rel_error": round(error, 6),
                        "bytes_before": _tensor_bytes(module), "bytes_after": _tensor_bytes(new)})
-    kept = [name for name, m in model.named_modules() if isinstance(m, compressed)]
-    ctx.log(f"  quantize: {len(layers)} layers to {cfg.method}, mean rel. weight error "
+    return layers, untied
+
+
+def _summary(layers: list[dict], kept: list[str], precision: str, ctx: Context) -> PassRecord:
+    ctx.log(f"  quantize: {len(layers)} layers to {precision}, mean rel. weight error "
             f"{sum(layer['rel_error'] for layer in layers) / len(layers):.4f}"
             + (f"; {len(kept)} compressed layers kept in their precision" if kept else ""))
     before, after = sum(lay["bytes_before"] for lay in layers), sum(lay["bytes_after"] for lay in layers)
-    version = bnb.import_bnb(f"quantize.method: {cfg.method}").__version__
-    return {"method": cfg.method, "bitsandbytes": {**spec.settings(), "version": version},
-            "layers": layers, "kept": kept, "untied": untied, "bytes_before": before, "bytes_after": after,
+    return {"layers": layers, "kept": kept, "bytes_before": before, "bytes_after": after,
             "ratio": round(after / before, 6)}
 
 
