@@ -14,7 +14,7 @@ from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.fileio import atomic_write_text
 from llmshrink.passes.lora import load_adapter, lora_settings, merge_lora, save_adapter, unload_lora
-from llmshrink.recipe import LoadedRecipe, Recipe
+from llmshrink.recipe import LatencySpec, LoadedRecipe, Recipe
 from llmshrink.registry import get_pass
 
 ADAPTER_DIR = "adapter"  # unmerged LoRA adapters, in peft's format, inside the output folder
@@ -87,10 +87,12 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     log(f"[{next(step)}/{steps}] evaluate base model")
     base = evaluator.measure(teacher, log)
     base["load_seconds"] = load_seconds
+    base.update(evaluator.tasks(teacher, "base", log))
 
     log(f"[{next(step)}/{steps}] evaluate compressed model")
     compressed = evaluator.measure(model, log, known_ppl=stage_rows[-1].get("perplexity") if stage_rows else None)
     compressed["compress_seconds"] = sum(row["seconds"] for row in stage_rows)
+    compressed.update(evaluator.tasks(model, "compressed", log))
     manifest = {
         "llmshrink_version": __version__,
         "name": recipe.name,
@@ -104,11 +106,12 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
         "passes": records,
         "stages": stage_rows,
         "metrics": {"base": base, "compressed": compressed},
-        "evaluation": {"perplexity": evaluator.protocol},
+        "evaluation": {"perplexity": evaluator.protocol, **evaluator.protocols},
     }
 
     log(f"[{next(step)}/{steps}] save {out_dir}")
-    card = model_card(manifest, loaded.text)
+    architecture = type(model).__name__
+    card = model_card(manifest, loaded.text, architecture=architecture)
     adapted, adapter = None, None
     if lora:  # unmerged adapters go beside the model in peft's format (PeftModel.from_pretrained loads them)
         adapted = _logits(model, evaluator.probe_ids())
@@ -135,8 +138,13 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
         if diff > 1e-4:
             raise LlmshrinkError(f"{out_dir}: the reloaded adapter changes the logits by {diff:.3g}")
     compressed["size_bytes"] = dir_size(out_dir, weights_only=True)
+    if recipe.evaluate.memory:
+        log("  peak RAM: loading and generating, each model in a fresh process")
+        base.update(evaluator.memory(recipe.model.id, device))
+        compressed.update(evaluator.memory(out_dir, device))
+        manifest["evaluation"]["memory"] = evaluator.protocols["memory"]
 
-    card = model_card(manifest, loaded.text)
+    card = model_card(manifest, loaded.text, architecture=architecture)
     atomic_write_text(out_dir / "README.md", card)
     _rewrite_manifest(out_dir, manifest)
     curves = "training_curves.png" if save_training_curves(records, out_dir / "training_curves.png") else None
@@ -159,7 +167,8 @@ class Evaluator:
         ppl = self.spec.perplexity
         self.has_perplexity = ppl is not None
         self.ids = token_ids(ppl.data, tokenizer) if ppl is not None else None
-        self.protocol: dict = {}
+        self.protocol: dict = {}  # perplexity
+        self.protocols: dict = {}  # the other measurements: macs, memory, lm_eval, generation
 
     def params(self, model) -> int:
         from llmshrink.eval.efficiency import count_params
@@ -193,8 +202,62 @@ class Evaluator:
             timing = measure_latency(model, self.vocab_size, lat.prompt_tokens, lat.new_tokens, lat.batch_size,
                                      lat.repeats)
             metrics["decode_tokens_per_s"] = timing["tokens_per_s"]
+            metrics["decode_ms_per_token"] = timing["decode_ms_per_token"]
             metrics["prefill_ms"] = timing["prefill_ms"]
+        if self.spec.macs:
+            metrics.update(self.macs(model, log))
         return metrics
+
+    def macs(self, model, log) -> dict:
+        from llmshrink.eval.efficiency import macs_per_decode_token, macs_per_token
+        from llmshrink.eval.perplexity import max_positions
+
+        # Attention MACs grow with the context: count at the latency prompt length, and say so.
+        length = self.spec.latency.prompt_tokens if self.spec.latency is not None else 128
+        limit = max_positions(model)
+        length = min(length, limit - 1) if limit else length
+        prefill = macs_per_token(model, seq_len=length)
+        decode = macs_per_decode_token(model, context=length)
+        self.protocols["macs"] = {"seq_len": length, "decode_context": length, "counter": "FlopCounterMode / 2"}
+        missing = prefill["uncounted_modules"] + prefill["uncounted_ops"]
+        if missing:
+            log(f"  MACs: not counted (no formula): {', '.join(map(str, missing))}")
+        return {"macs_per_token": prefill["total"], "decode_macs_per_token": decode["total"]}
+
+    def tasks(self, model, which: str, log) -> dict:
+        """lm-eval and generation metrics, as {"lm_eval": {task: {metric}}, "generation": {metric}}."""
+        out: dict = {}
+        if self.spec.lm_eval is not None:
+            from llmshrink.eval.lm_eval_bridge import run_lm_eval
+
+            result = run_lm_eval(model, self.tokenizer, **self.spec.lm_eval.model_dump(), log=log)
+            out["lm_eval"] = result["results"]
+            self.protocols["lm_eval"] = result["protocol"]
+        if self.spec.generation is not None:
+            from llmshrink.eval.generation import evaluate_generation
+            from llmshrink.eval.report import GENERATION_METRICS
+
+            result = evaluate_generation(model, self.tokenizer, self.spec.generation, self.device)
+            scores = {k: v for k, v in result.items() if k in GENERATION_METRICS}
+            log("  generation: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+            out["generation"] = scores
+            protocol = self.protocols.setdefault("generation", {
+                **self.spec.generation.model_dump(), "data_file": result["data"], "samples": result["samples"],
+            })
+            protocol[f"{which}_examples"] = result["examples"]
+            protocol[f"{which}_prompts_truncated"] = result["prompts_truncated"]
+        return out
+
+    def memory(self, model_or_dir, device: torch.device) -> dict:
+        from llmshrink.eval.efficiency import measure_memory
+
+        lat = self.spec.latency or LatencySpec()
+        measured = measure_memory(model_or_dir, lat.prompt_tokens, lat.new_tokens, lat.batch_size, str(device))
+        self.protocols["memory"] = {"prompt_tokens": lat.prompt_tokens, "new_tokens": lat.new_tokens,
+                                    "batch_size": lat.batch_size, "device": str(device),
+                                    "how": "peak RSS of a fresh process that loads, then generates greedily"}
+        return {"peak_ram_load_mb": measured["peak_rss_load_mb"],
+                "peak_ram_generate_mb": measured["peak_rss_generate_mb"]}
 
     def probe_ids(self) -> torch.Tensor:
         ids = self.ids[:64] if self.ids is not None else torch.arange(16) % self.vocab_size

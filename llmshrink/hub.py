@@ -1,55 +1,194 @@
-"""The model card (README.md) written beside every checkpoint.
+"""The model card (README.md) written beside every checkpoint, in the Hugging Face hub's format.
 
-Reads the manifest that `apply` writes: name, description, base_model {id, revision},
-metrics {base: {...}, compressed: {...}} (keys as in eval/report.py), evaluation.perplexity (the
-protocol) and passes [{pass, record}].
+Reads the manifest that `apply` writes: name, description, license (optional), base_model {id, revision,
+license (optional)}, metrics {base: {...}, compressed: {...}} (keys as in eval/report.py), evaluation
+{perplexity: protocol} and passes [{pass, record}]. Optional task metrics, in both metrics.base and
+metrics.compressed, become card results too when present:
+
+    lm_eval     {task: {metric[,filter]: value}}   eval/lm_eval_bridge.py's results ("_stderr" entries skipped);
+                                                    protocol in evaluation.lm_eval {tasks: {task: {num_fewshot,
+                                                    samples}}}
+    generation  {rouge1, rouge2, rougeL, bleu, meteor, ..., data}   eval/generation.py's result (only the
+                                                    GENERATION_METRICS become results); protocol in
+                                                    evaluation.generation {dataset, config, split}
+
+The front matter (base_model, license, tags, library_name, pipeline_tag, model-index) is built with
+huggingface_hub's ModelCardData and EvalResult, so it parses back with ModelCard and metadata_load.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCardData
+from huggingface_hub import EvalResult, ModelCardData
 
-from llmshrink.eval.report import comparison_rows, protocol_line
+from llmshrink.eval.report import GENERATION_METRICS, comparison_rows, protocol_line, task_metric_rows
 
-# Only a hub id can go into the card's base_model field; local paths and builtin: names cannot.
+# Only a hub id can go into the card's base_model field: not a local path (builtin: maps to its upstream).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Stands for this model's hub id in the load snippets; `llmshrink push` fills in the real one.
+REPO_PLACEHOLDER = "ORG/NAME"
+# Architecture class name suffix -> (hub pipeline tag, transformers auto class).
+_TASKS = (
+    ("ForCausalLM", "text-generation", "AutoModelForCausalLM"),
+    ("LMHeadModel", "text-generation", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "fill-mask", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "token-classification", "AutoModelForTokenClassification"),
+)
+# llmshrink's models are causal LMs unless the manifest says otherwise.
+_DEFAULT_TASK = ("", "text-generation", "AutoModelForCausalLM")
+# Scores in a generation result; its other numbers (samples, prompts_truncated) are not metrics.
 
 
-def model_card(manifest: dict[str, Any], recipe_text: str) -> str:
-    """README.md text: YAML front matter, description, metrics, passes, recipe, how to load."""
-    base_info = manifest.get("base_model") or {}
-    base = str(base_info.get("id") or "")
-    data = ModelCardData(
-        base_model=base if _HUB_ID.match(base) else None,
-        tags=["llmshrink", "compression"],
-        library_name="transformers",
-    )
+def model_card(manifest: dict[str, Any], recipe_text: str, *, architecture: str | None = None,
+               repo_id: str | None = None) -> str:
+    """README.md text: YAML front matter, description, metrics, passes, recipe, license, how to load.
+
+    `architecture` (the transformers class, e.g. GPT2LMHeadModel) defaults to manifest["architecture"];
+    `repo_id` to a placeholder that `llmshrink push` replaces.
+    """
+    architecture = architecture or manifest.get("architecture")
+    _, pipeline_tag, auto_class = _task(architecture)
+    base, base_hub_id = _base_ids(manifest)
+    license_id = _license(manifest)
+    data = card_data(manifest, architecture)
     name = manifest.get("name") or "compressed model"
-    revision = base_info.get("revision")
+    revision = _dict(manifest.get("base_model")).get("revision")
     base_text = f"`{base}`" + (f" (revision `{revision}`)" if revision else "") if base else "a base model"
+    if base_hub_id and base_hub_id != base:
+        base_text += f", made from [`{base_hub_id}`](https://huggingface.co/{base_hub_id})"
     parts = [
         f"---\n{data.to_yaml()}\n---\n",
         f"# {name}\n",
-        f"{base_text} compressed with llmshrink.",
+        f"{base_text} compressed with llmshrink ({pipeline_tag}).",
     ]
     if manifest.get("description"):
         parts.append(f"\n{manifest['description']}")
-    parts += _metrics_section(manifest.get("metrics"), manifest.get("evaluation", {}).get("perplexity"))
+    metrics, evaluation = _dict(manifest.get("metrics")), _dict(manifest.get("evaluation"))
+    parts += _metrics_section(metrics, evaluation.get("perplexity"))
+    parts += _task_metrics_section(metrics)
     parts += _passes_section(manifest.get("passes"))
-    parts += [
-        "\n## How to load\n",
-        "With llmshrink:\n\n```python\nimport llmshrink\n\nmodel = llmshrink.load(\"path/to/this/dir\")\n```\n",
-        "Without llmshrink (the compressed layers are rebuilt by the remote code in this folder):\n",
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/dir\", trust_remote_code=True)\n"
-        "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/dir\")\n```\n",
-        "## Recipe\n",
-        f"```yaml\n{recipe_text.rstrip()}\n```\n",
-    ]
+    parts += _load_section(repo_id or REPO_PLACEHOLDER, auto_class)
+    parts += ["\n## Recipe\n", f"```yaml\n{recipe_text.rstrip()}\n```\n"]
+    parts += _license_section(license_id, base_hub_id or base)
     return "\n".join(parts)
+
+
+def card_data(manifest: dict[str, Any], architecture: str | None = None) -> ModelCardData:
+    """The card's front matter: base_model (hub id only), license, tags, library, pipeline, model-index."""
+    architecture = architecture or manifest.get("architecture")
+    _, hub_id = _base_ids(manifest)
+    results = eval_results(manifest, architecture)
+    return ModelCardData(
+        base_model=hub_id,
+        license=_license(manifest),
+        tags=["llmshrink", "compression", *_pass_tags(manifest.get("passes"))],
+        library_name="transformers",
+        pipeline_tag=_task(architecture)[1],
+        # model-index needs a model name; leave both out when there is nothing to report.
+        model_name=(manifest.get("name") or "compressed model") if results else None,
+        eval_results=results or None,
+    )
+
+
+def eval_results(manifest: dict[str, Any], architecture: str | None = None) -> list[EvalResult]:
+    """The compressed model's results for the card's model-index: perplexity, lm_eval tasks, generation."""
+    compressed = _dict(_dict(manifest.get("metrics")).get("compressed"))
+    evaluation = _dict(manifest.get("evaluation"))
+    task = _task(architecture or manifest.get("architecture"))[1]
+    results: list[EvalResult] = []
+    protocol = _dict(evaluation.get("perplexity"))
+    if _finite(compressed.get("perplexity")):
+        results.append(EvalResult(
+            task_type=task,
+            **_dataset(protocol, "evaluation text"),
+            metric_type="perplexity",
+            metric_name="Perplexity",
+            metric_value=round(float(compressed["perplexity"]), 4),
+            metric_args={k: protocol[k] for k in ("window", "stride", "tokens", "bos") if k in protocol} or None,
+        ))
+    lm_eval_tasks = _dict(_dict(evaluation.get("lm_eval")).get("tasks"))
+    for task_name, values in _dict(compressed.get("lm_eval")).items():
+        settings = {k: v for k, v in _dict(lm_eval_tasks.get(task_name)).items()
+                    if k in ("num_fewshot", "samples") and v is not None}
+        for metric, value in _lm_eval_metrics(values).items():
+            results.append(EvalResult(task_type=task, dataset_type=str(task_name), dataset_name=str(task_name),
+                                      metric_type=metric, metric_value=round(value, 4),
+                                      metric_name=f"{metric} (lm-evaluation-harness)", metric_args=settings or None))
+    generation = _dict(compressed.get("generation"))
+    # The data file's name, not its absolute path, when the protocol does not name the dataset.
+    fallback = Path(str(generation["data"])).name if generation.get("data") else "generation prompts"
+    for metric, value in _generation_metrics(generation).items():
+        results.append(EvalResult(task_type=task, **_dataset(_dict(evaluation.get("generation")), fallback),
+                                  metric_type=metric, metric_value=round(value, 4)))
+    return results
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+
+def _task(architecture: str | None) -> tuple[str, str, str]:
+    for suffix, pipeline_tag, auto_class in _TASKS:
+        if architecture and architecture.endswith(suffix):
+            return suffix, pipeline_tag, auto_class
+    return _DEFAULT_TASK
+
+
+def _base_ids(manifest: dict[str, Any]) -> tuple[str, str | None]:
+    """(the base as the recipe named it, its hub id or None); builtin: models map to their upstream."""
+    base = str(_dict(manifest.get("base_model")).get("id") or "")
+    if base.startswith("builtin:"):
+        from llmshrink.models import BUILTIN_MODELS
+
+        info = BUILTIN_MODELS.get(base.removeprefix("builtin:"))
+        return base, info.upstream if info else None
+    return base, base if _HUB_ID.match(base) else None
+
+
+def _license(manifest: dict[str, Any]) -> str:
+    """The recipe's license, else the base model's, else "other" (unknown: the card says to check it)."""
+    base = _dict(manifest.get("base_model"))
+    return str(manifest.get("license") or base.get("license") or "other")
+
+
+def _pass_tags(passes: Any) -> list[str]:
+    names = [item.get("pass") for item in passes if isinstance(item, dict)] if isinstance(passes, list) else []
+    # Hub tags are plain words: keep letters, digits and - _ . only.
+    return [re.sub(r"[^\w.-]+", "-", str(n)).lower() for n in names if n]
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _dataset(protocol: dict, fallback: str) -> dict[str, Any]:
+    """EvalResult dataset fields from an evaluation protocol {dataset, config, split}."""
+    source = str(protocol.get("dataset") or fallback)
+    return {"dataset_type": source, "dataset_name": source,
+            "dataset_config": protocol.get("config") or None, "dataset_split": protocol.get("split") or None}
+
+
+def _lm_eval_metrics(values: Any) -> dict[str, float]:
+    """{metric: value} from one lm_eval task's results: 'acc,none' -> 'acc', other filters kept."""
+    out: dict[str, float] = {}
+    for key, value in _dict(values).items():
+        metric, _, filt = str(key).partition(",")
+        if metric.endswith("_stderr") or metric == "alias" or not _finite(value):
+            continue
+        out[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
+    return out
+
+
+def _generation_metrics(values: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in _dict(values).items() if k in GENERATION_METRICS and _finite(v)}
 
 
 def _number(value: Any) -> str:
@@ -58,13 +197,23 @@ def _number(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def _metrics_section(metrics: Any, protocol: dict | None) -> list[str]:
-    if not isinstance(metrics, dict) or not metrics.get("compressed"):
+def _metrics_section(metrics: dict, protocol: dict | None) -> list[str]:
+    if not metrics.get("compressed"):
         return []
     rows = comparison_rows(metrics.get("base") or {}, metrics["compressed"])
     table = ["| metric | base | compressed | ratio |", "|---|---:|---:|---:|"]
     table += [f"| {' | '.join(row)} |" for row in rows]
     return ["\n## Metrics\n", *table] + ([f"\n{protocol_line(protocol)}"] if protocol else [])
+
+
+def _task_metrics_section(metrics: dict) -> list[str]:
+    """Base vs compressed for the optional lm_eval and generation metrics."""
+    rows = task_metric_rows(_dict(metrics.get("base")), _dict(metrics.get("compressed")))
+    if not rows:
+        return []
+    table = ["| task metric | base | compressed | ratio |", "|---|---:|---:|---:|"]
+    table += [f"| {' | '.join(row)} |" for row in rows]
+    return ["\n## Task metrics\n", *table]
 
 
 def _passes_section(passes: Any) -> list[str]:
@@ -80,3 +229,29 @@ def _passes_section(passes: Any) -> list[str]:
         lines.append(f"{i}. `{item.get('pass', 'pass')}`{summary}")
     lines.append("\nEvery decision of every pass is in `llmshrink.json`.")
     return lines
+
+
+def _load_section(repo: str, auto_class: str) -> list[str]:
+    return [
+        "\n## How to load\n",
+        "With llmshrink:\n",
+        "```python\nimport llmshrink\nfrom huggingface_hub import snapshot_download\n\n"
+        f"model = llmshrink.load(snapshot_download(\"{repo}\"))\n```\n",
+        "Without llmshrink, with transformers only (compressed layers are rebuilt by the remote code in this "
+        "repository):\n",
+        f"```python\nfrom transformers import {auto_class}, AutoTokenizer\n\n"
+        f"model = {auto_class}.from_pretrained(\"{repo}\", trust_remote_code=True)\n"
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{repo}\")\n```\n",
+        f"`{repo}` is this model's id on the Hugging Face hub. For a local copy of this folder, pass its path "
+        "to `from_pretrained` or `llmshrink.load` instead.",
+    ]
+
+
+def _license_section(license_id: str, base: str) -> list[str]:
+    if license_id != "other":
+        terms = f" This model is derived from `{base}`, whose license terms apply too." if base else ""
+        return ["\n## License\n", f"`{license_id}`.{terms}"]
+    whose = f"the base model `{base}`" if base else "the base model"
+    return ["\n## License\n",
+            f"Not recorded by llmshrink: this model is derived from {whose} and its license applies. Check it "
+            "and set `license:` at the top of this card before publishing."]

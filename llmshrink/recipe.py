@@ -22,6 +22,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from llmshrink.errors import RecipeError
+from llmshrink.eval.generation import GenerationSpec
+from llmshrink.eval.lm_eval_bridge import LmEvalSpec
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import get_pass
 from llmshrink.specs import DataSpec, ModelSpec, Spec
@@ -45,6 +47,10 @@ class LatencySpec(Spec):
 class EvaluateSpec(Spec):
     perplexity: PerplexitySpec | None = PerplexitySpec()
     latency: LatencySpec | None = LatencySpec()
+    generation: GenerationSpec | None = Field(None, description="greedy generation scored with ROUGE/BLEU/METEOR")
+    lm_eval: LmEvalSpec | None = Field(None, description="lm-eval tasks (registry names or evals/ YAMLs)")
+    macs: bool = Field(True, description="MACs per token (prefill and decode), counted from the modules")
+    memory: bool = Field(True, description="peak RAM while loading and generating, each in a fresh process")
     after_each_stage: bool = Field(True, description="perplexity after every stage, not only at the end")
 
 

@@ -36,6 +36,10 @@ class DataSpec(Spec):
     config: str | None = Field(None, description="datasets config name, e.g. wikitext-103-raw-v1")
     split: str = "train"
     text_field: str = "text"
+    template: str | None = Field(
+        None, description="make each record's document from its fields, e.g. "
+        "'Summarize the dialogue.\\n{dialogue}\\nSummary: {summary}' (instead of text_field; not for .txt)",
+    )
     fraction: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     seed: int = 0

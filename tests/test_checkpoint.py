@@ -310,4 +310,6 @@ def test_model_card():
     assert "Perplexity protocol: dataset builtin:shakespeare (test), window 512, stride 256" in card
     assert "1. `kronecker`: rank=1" in card and "layers" not in card.split("## Passes")[1].split("\n\n")[1]
     assert "trust_remote_code=True" in card and "llmshrink.load(" in card and RECIPE.strip() in card
-    assert "base_model" not in model_card({"base_model": {"id": "builtin:smollm2-135m"}}, RECIPE).split("---\n")[1]
+    # The built-in model is a GGUF of SmolLM2-135M-Instruct: the card names its upstream on the hub.
+    builtin = model_card({"base_model": {"id": "builtin:smollm2-135m"}}, RECIPE).split("---\n")[1]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in builtin

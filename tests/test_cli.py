@@ -26,6 +26,7 @@ stages:
 evaluate:
   perplexity: {{data: {{source: {text_file}, max_tokens: 300}}, window: 32, stride: 16}}
   latency: {{prompt_tokens: 4, new_tokens: 4, repeats: 1}}
+  memory: false  # a fresh process per model: tests/test_apply_evaluate.py covers it
 output: {{dir: {out_dir}}}
 """
 

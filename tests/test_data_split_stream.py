@@ -225,3 +225,19 @@ def test_streaming_errors_are_one_line(tmp_path):
     broken.write_text('{"text": "the a"}\n{not json\n')
     with pytest.raises(LlmshrinkError, match=f"^data.source: cannot read {broken}: "):
         token_ids(DataSpec(source=str(broken), streaming=True, max_tokens=9), tok)
+
+
+def test_template_builds_each_document_from_the_record_fields(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"dialogue": "Ann: hi\nBob: hello", "summary": "They greet."}, {"dialogue": "Cy: bye", "summary": "Cy leaves."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = "Summarize the dialogue.\n{dialogue}\nSummary: {summary}"
+    expected = ["Summarize the dialogue.\nAnn: hi\nBob: hello\nSummary: They greet.",
+                "Summarize the dialogue.\nCy: bye\nSummary: Cy leaves."]
+    assert load_texts(DataSpec(source=str(path), template=template)) == expected
+    assert list(stream_texts(DataSpec(source=str(path), template=template, streaming=True))) == expected
+    for streaming in (False, True):
+        spec = DataSpec(source=str(path), template="{dialogue} -> {title}", streaming=streaming)
+        with pytest.raises(LlmshrinkError) as err:
+            list(stream_texts(spec)) if streaming else load_texts(spec)
+        assert str(err.value) == f"data.template: {path} has no field 'title'; fields: dialogue, summary"

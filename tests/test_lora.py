@@ -215,7 +215,7 @@ def test_errors_are_one_clear_line():
         apply(tiny_gpt2(), LoraPassConfig(targets=r".*\.q_proj"), QUIET)
     assert str(err.value) == (
         r"lora.targets: '.*\\.q_proj' matches no layer LoRA can attach to (Linear, Conv1D, LowRankLinear, "
-        "KroneckerLinear); layer names look like transformer.h.0.attn.c_attn, transformer.h.0.attn.c_proj, "
+        "KroneckerLinear, bitsandbytes Linear4bit/Linear8bitLt (QLoRA)); layer names look like transformer.h.0.attn.c_attn, transformer.h.0.attn.c_proj, "
         "transformer.h.0.mlp.c_fc, transformer.h.0.mlp.c_proj"
     )
 
@@ -226,7 +226,7 @@ def test_errors_are_one_clear_line():
         apply(clustered, LoraPassConfig(), QUIET)
     assert str(err.value) == (
         "lora.targets: transformer.h.0.mlp.c_fc is a ClusteredLinear; LoRA attaches only to Linear, Conv1D, "
-        "LowRankLinear, KroneckerLinear layers: leave it out of targets or add it to exclude"
+        "LowRankLinear, KroneckerLinear, bitsandbytes Linear4bit/Linear8bitLt (QLoRA) layers: leave it out of targets or add it to exclude"
     )
     assert len(apply(clustered, LoraPassConfig(exclude=r".*\.c_fc"), QUIET)["layers"]) == 6
 

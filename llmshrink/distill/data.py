@@ -59,14 +59,14 @@ def stream_texts(spec: DataSpec) -> Iterator[str]:
     if source.startswith("builtin:"):
         docs: Iterable[str] = _builtin_paragraphs(spec)  # small and shipped in the package
     elif (path := _local_path(spec)) is None:
-        docs = _rows(_load_hub(spec, streaming=True), spec.text_field, source, lambda err: _hub_error(spec))
+        docs = _rows(_load_hub(spec, streaming=True), spec, spec.text_field, source, lambda err: _hub_error(spec))
     else:
         suffix = path.suffix.lower()
         # The text builder yields one row per line; "replace" reads bad bytes as load_texts does.
         extra = {"encoding_errors": "replace"} if suffix == ".txt" else {}
         dataset = _load_local(path, _LOCAL_BUILDERS[suffix], streaming=True, **extra)
         field = "text" if suffix == ".txt" else spec.text_field
-        docs = _rows(dataset, field, source, lambda err: _read_error(path, err))
+        docs = _rows(dataset, spec, field, source, lambda err: _read_error(path, err))
     empty = True
     for doc in docs:
         if doc.strip():
@@ -237,14 +237,17 @@ def _no_field(field: str, source: str, columns: Iterable[str]) -> LlmshrinkError
 
 
 def _column(dataset, spec: DataSpec, source: str) -> list[str]:
+    if spec.template is not None:
+        return [text for row in dataset if (text := _text_of(row, spec.text_field, spec.template, source))]
     columns = list(dataset.column_names)
     if spec.text_field not in columns:
         raise _no_field(spec.text_field, source, columns)
     return [t for t in dataset[spec.text_field] if isinstance(t, str)]
 
 
-def _rows(dataset, field: str, source: str, error: Callable[[Exception], LlmshrinkError]) -> Iterator[str]:
-    """The string values of `field` in a streamed dataset, row by row."""
+def _rows(dataset, spec: DataSpec, field: str, source: str,
+          error: Callable[[Exception], LlmshrinkError]) -> Iterator[str]:
+    """The documents of a streamed dataset, row by row: `field`'s string value, or the filled template."""
     rows = iter(dataset)
     while True:
         try:
@@ -253,7 +256,20 @@ def _rows(dataset, field: str, source: str, error: Callable[[Exception], Llmshri
             return
         except Exception as err:  # a streamed file is parsed, and a hub read, only while iterating
             raise error(err) from err
+        text = _text_of(row, field, spec.template, source)
+        if text is not None:
+            yield text
+
+
+def _text_of(row: dict, field: str, template: str | None, source: str) -> str | None:
+    """One record as a document: the template filled with the record's fields, else its text field."""
+    if template is None:
         if field not in row:
             raise _no_field(field, source, row)
-        if isinstance(row[field], str):
-            yield row[field]
+        return row[field] if isinstance(row[field], str) else None
+    try:
+        return template.format_map(row)
+    except KeyError as err:
+        raise LlmshrinkError(
+            f"data.template: {source} has no field {err.args[0]!r}; fields: {', '.join(row) or '(none)'}"
+        ) from None

@@ -11,6 +11,15 @@ Metric dict contract, shared by apply, the manifest and this report (a missing k
     load_seconds         float  time to load the model                     (efficiency.load_time)
     compress_seconds     float  time the recipe's stages took (compressed model only)
 
+Optional keys: a row is printed only when base or compressed has a value, so tables of runs that do
+not measure them stay as they were.
+
+    macs_per_token         float  multiply-adds per token of a prefill     (macs_per_token()["total"])
+    decode_macs_per_token  float  multiply-adds of one decoded token       (macs_per_decode_token()["total"])
+    decode_ms_per_token    float  latency of one decode step               (measure_latency()["decode_ms_per_token"])
+    peak_ram_load_mb       float  peak resident MiB once loaded            (measure_memory()["peak_rss_load_mb"])
+    peak_ram_generate_mb   float  peak resident MiB after generating       (measure_memory()["peak_rss_generate_mb"])
+
 Stage rows (one per recipe stage): `stage` (name), `seconds`, `params` and `perplexity` after it.
 Perplexity protocol dict: `dataset`, `split`, `window`, `stride`, `tokens`, `bos`, `tied_embeddings`
 (PerplexityResult.protocol plus what the caller knows about the data and the model).
@@ -29,13 +38,22 @@ MISSING = "-"
 METRIC_KEYS = (
     "params",
     "size_bytes",
+    "macs_per_token",
+    "decode_macs_per_token",
     "perplexity",
     "decode_tokens_per_s",
+    "decode_ms_per_token",
     "prefill_ms",
     "load_seconds",
+    "peak_ram_load_mb",
+    "peak_ram_generate_mb",
     "compress_seconds",
 )
 COMPRESSED_ONLY = {"compress_seconds"}
+# The scores a `generation` result may hold (0-100); its other keys (samples, ...) are not metrics.
+GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "meteor")
+OPTIONAL = {"macs_per_token", "decode_macs_per_token", "decode_ms_per_token", "peak_ram_load_mb",
+            "peak_ram_generate_mb"}
 
 
 def _count(v: float) -> str:
@@ -50,10 +68,15 @@ def _fixed(digits: int) -> Callable[[float], str]:
 _ROWS: dict[str, tuple[str, Callable[[float], str]]] = {
     "params": ("params", _count),
     "size_bytes": ("size on disk (MB)", lambda v: f"{v / 1e6:.2f}"),
+    "macs_per_token": ("MACs/token (M)", lambda v: f"{v / 1e6:.2f}"),
+    "decode_macs_per_token": ("decode MACs/token (M)", lambda v: f"{v / 1e6:.2f}"),
     "perplexity": ("perplexity", _fixed(2)),
     "decode_tokens_per_s": ("decode tokens/s", _fixed(1)),
+    "decode_ms_per_token": ("decode ms/token", _fixed(2)),
     "prefill_ms": ("prefill ms", _fixed(1)),
     "load_seconds": ("load time (s)", _fixed(2)),
+    "peak_ram_load_mb": ("peak RAM, load (MiB)", _fixed(0)),
+    "peak_ram_generate_mb": ("peak RAM, generate (MiB)", _fixed(0)),
     "compress_seconds": ("compression time (s)", _fixed(1)),
 }
 
@@ -83,8 +106,35 @@ def comparison_rows(base: dict, compressed: dict, keys: Sequence[str] = METRIC_K
         label = _ROWS[key][0] if key in _ROWS else key
         b = None if key in COMPRESSED_ONLY else base.get(key)
         c = compressed.get(key)
+        if key in OPTIONAL and not (_is_number(b) or _is_number(c)):
+            continue
         rows.append([label, _cell(key, b), _cell(key, c), ratio(b, c)])
     return rows
+
+
+def _task_values(values) -> dict[str, float]:
+    """{metric: value} of one task: numbers only, standard errors left out, lm-eval's ',none' dropped."""
+    out: dict[str, float] = {}
+    for key, value in (values if isinstance(values, dict) else {}).items():
+        metric, _, filt = str(key).partition(",")
+        if metric.endswith("_stderr") or not _is_number(value) or not math.isfinite(value):
+            continue
+        out[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
+    return out
+
+
+def task_metric_rows(base: dict, compressed: dict) -> list[list[str]]:
+    """[label, base, compressed, ratio] for the nested results: lm_eval {task: {metric}} and generation
+    {metric} (ROUGE/BLEU/METEOR, 0-100). Rows follow the compressed model's results."""
+    rows: list[tuple[str, float | None, float]] = []
+    base_tasks = base.get("lm_eval") if isinstance(base.get("lm_eval"), dict) else {}
+    for task, values in (compressed.get("lm_eval") or {}).items():
+        base_values = _task_values(base_tasks.get(task))
+        rows += [(f"{task} {m}", base_values.get(m), v) for m, v in _task_values(values).items()]
+    base_gen = _task_values(base.get("generation"))
+    rows += [(m, base_gen.get(m), v) for m, v in _task_values(compressed.get("generation")).items()
+             if m in GENERATION_METRICS]
+    return [[label, MISSING if b is None else f"{b:.4g}", f"{c:.4g}", ratio(b, c)] for label, b, c in rows]
 
 
 HEADER = ["metric", "base", "compressed", "ratio"]
@@ -168,6 +218,9 @@ def render_report_md(
         if stage_rows
         else "No stages ran.",
     ]
+    tasks = task_metric_rows(base, compressed)
+    if tasks:
+        parts += ["## Task metrics", _md_table(["task metric", "base", "compressed", "ratio"], tasks)]
     if curves_png:
         parts += ["## Training curves", f"![training loss and eval perplexity by tokens]({curves_png})"]
     parts += [

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,12 +37,12 @@ from llmshrink.modules.kronecker import KroneckerLinear
 from llmshrink.modules.low_rank import LowRankLinear
 from llmshrink.passes.base import PassConfig, PassRecord
 from llmshrink.registry import register_pass
-from llmshrink.targeting import is_dense_layer, replace_module, shared_weight_names
+from llmshrink.targeting import is_bnb_layer, is_dense_layer, replace_module, shared_weight_names
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model
 # On the model: {"merge": bool, "trainable": names that had requires_grad before the adapters froze them}.
 _STATE = "llmshrink_lora"
-_ALLOWED = "Linear, Conv1D, LowRankLinear, KroneckerLinear"
+_ALLOWED = "Linear, Conv1D, LowRankLinear, KroneckerLinear, bitsandbytes Linear4bit/Linear8bitLt (QLoRA)"
 
 
 class LoraPassConfig(PassConfig):
@@ -131,7 +133,8 @@ def apply(model: nn.Module, cfg: LoraPassConfig, ctx: Context) -> PassRecord:
         fan_in_fan_out=conv1d,
     )
     config._register_custom_module(CUSTOM_LAYERS)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # also freezes every non-adapter parameter
+    with _bnb_flags(model):
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # also freezes every non-adapter parameter
     setattr(model, _STATE, {"merge": cfg.merge, "trainable": trainable})
     layers = [
         {"name": name, "type": type(module).__name__, "shape": [out, inp], "params": cfg.r * (inp + out)}
@@ -190,7 +193,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> PeftModel:
     """PeftModel.from_pretrained with llmshrink's compressed layers registered (peft does not save the mapping)."""
     config = LoraConfig.from_pretrained(str(directory))
     config._register_custom_module(CUSTOM_LAYERS)
-    return PeftModel.from_pretrained(model, str(directory), config=config)
+    with _bnb_flags(model):
+        return PeftModel.from_pretrained(model, str(directory), config=config)
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -216,7 +220,7 @@ def _find_targets(model: nn.Module, cfg: LoraPassConfig) -> list[tuple[str, nn.M
             continue
         if cfg.exclude and re.fullmatch(cfg.exclude, name):
             continue
-        if not (is_dense_layer(module) or type(module) in CUSTOM_LAYERS):
+        if not (is_dense_layer(module) or is_bnb_layer(module) or type(module) in CUSTOM_LAYERS):
             raise LlmshrinkError(
                 f"lora.targets: {name} is a {type(module).__name__}; LoRA attaches only to {_ALLOWED} layers: "
                 "leave it out of targets or add it to exclude"
@@ -234,6 +238,12 @@ def _find_targets(model: nn.Module, cfg: LoraPassConfig) -> list[tuple[str, nn.M
 def _check_mergeable(model: nn.Module, targets: list[tuple[str, nn.Module]], r: int) -> None:
     """Refuse, before any work, a merge that could not be exact or would change another module."""
     for name, module in targets:
+        if is_bnb_layer(module):
+            raise LlmshrinkError(
+                f"lora.merge: {name} is a bitsandbytes {type(module).__name__}: merging re-quantizes the weights, "
+                "so the merged model would not compute what was trained; use merge: false (QLoRA keeps the "
+                "adapter beside the quantized model)"
+            )
         if isinstance(module, KroneckerLinear):
             raise LlmshrinkError(
                 f"lora.merge: {name} is a KroneckerLinear, whose factors cannot absorb a LoRA update exactly; "
@@ -273,6 +283,22 @@ def _remove_adapters(model: nn.Module, merge: bool) -> int:
     if hasattr(model, "peft_config"):
         del model.peft_config
     return len(layers)
+
+
+@contextmanager
+def _bnb_flags(model: nn.Module) -> Iterator[None]:
+    """peft wraps a bitsandbytes layer with its QLoRA layer only when the model says it is loaded in 4/8 bit
+    (as transformers' load_in_4bit marks it); llmshrink's quantize pass makes such layers in place."""
+    flags = {"is_loaded_in_4bit": "Linear4bit", "is_loaded_in_8bit": "Linear8bitLt"}
+    kinds = {type(m).__name__ for m in model.modules() if is_bnb_layer(m)}
+    added = [flag for flag, kind in flags.items() if kind in kinds and not getattr(model, flag, False)]
+    for flag in added:
+        setattr(model, flag, True)
+    try:
+        yield
+    finally:
+        for flag in added:
+            delattr(model, flag)
 
 
 def _set_factors(layer: LowRankLinear, u: torch.Tensor, v: torch.Tensor) -> None:

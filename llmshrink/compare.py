@@ -1,0 +1,463 @@
+"""Compare checkpoints written by `llmshrink apply` (and their base models) side by side.
+
+`compare(paths, output_dir)` reads each checkpoint's `llmshrink.json` and writes, atomically:
+
+    comparison.md    a table (size, perplexity, speed and their ratios vs the base) with the
+                     Pareto-optimal rows marked, the plot, every metric, warnings and notes
+    comparison.json  the same data as numbers, plus which rows are Pareto-optimal
+    pareto.png       size on disk (MB) vs the chosen metric, the Pareto front as a step line
+
+A row is Pareto-optimal when no other row is at least as good on both size on disk (smaller is
+better) and the chosen metric, and strictly better on one. Ratios are a checkpoint's value divided
+by its base model's value measured in the same run (same machine, same protocol), so timing noise
+between runs does not leak into them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmshrink.errors import LlmshrinkError
+from llmshrink.eval.report import METRIC_KEYS, MISSING, protocol_line, ratio
+from llmshrink.fileio import atomic_write_text
+
+MANIFEST = "llmshrink.json"
+X_KEY = "size_bytes"
+MD_NAME, JSON_NAME, PNG_NAME = "comparison.md", "comparison.json", "pareto.png"
+
+# Measured anew on every run and noisy, so a base measured twice is expected to differ in these.
+_TIMING = re.compile(r"(tokens_per_s|_ms|_seconds|peak_ram)")
+# Protocol fields that describe the model measured, not how it was measured.
+_PROTOCOL_IGNORED = {"tied_embeddings"}
+
+# Direction of a metric, from the words of its last name part ("lm_eval/arc_easy/acc_norm,none" ->
+# "acc", "norm"; the ",filter" suffix of lm-eval is dropped). Any cost word -> lower is better; else
+# any score word (or a word starting with a score prefix) -> higher is better; else unknown.
+_COST_WORDS = {"perplexity", "ppl", "loss", "nll", "bpb", "bits", "error", "err", "wer", "cer", "ter",
+               "stderr", "ms", "seconds", "bytes", "params", "macs", "ram", "latency"}
+_SCORE_WORDS = {"acc", "accuracy", "f1", "em", "exact", "match", "mc1", "mc2", "mcc", "score", "meteor",
+                "chrf", "sacrebleu", "throughput"}
+_SCORE_PREFIXES = ("acc", "rouge", "bleu", "pass@")
+
+
+def higher_is_better(metric: str) -> bool | None:
+    """True for accuracy-like metrics, False for costs (perplexity, loss, time), None if unknown."""
+    leaf = metric.rsplit("/", 1)[-1].split(",", 1)[0].lower()
+    if leaf.endswith("per_s"):
+        return True  # a rate: tokens/s
+    words = [w for w in re.split(r"[^a-z0-9@]+", leaf) if w]
+    if any(w in _COST_WORDS for w in words):
+        return False
+    if any(w in _SCORE_WORDS or w.startswith(_SCORE_PREFIXES) for w in words):
+        return True
+    return None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a metrics dict; nested ones as 'lm_eval/task/metric'. Non-numbers are skipped."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{name}/"))
+        elif _is_number(value):
+            flat[name] = value
+    return flat
+
+
+def pareto_flags(points: Sequence[tuple[float, float] | None], higher_better: bool) -> list[bool | None]:
+    """Per point: True if no other point is as small and as good and strictly better in one; None if absent.
+
+    x (size) is always lower-is-better; y follows `higher_better`. Identical points do not dominate
+    each other, so both stay on the front.
+    """
+    sign = -1.0 if higher_better else 1.0  # compare -y when higher is better, so smaller is always better
+    valid = [p is not None and math.isfinite(p[0]) and math.isfinite(p[1]) for p in points]
+    flags: list[bool | None] = []
+    for i, p in enumerate(points):
+        if not valid[i]:
+            flags.append(None)
+            continue
+        x, y = p[0], sign * p[1]
+        dominated = any(
+            valid[j] and j != i and q[0] <= x and sign * q[1] <= y and (q[0] < x or sign * q[1] < y)
+            for j, q in enumerate(points)
+        )
+        flags.append(not dominated)
+    return flags
+
+
+@dataclass
+class Row:
+    """One line of the comparison: a checkpoint or a base model."""
+
+    name: str
+    kind: str  # "base" | "checkpoint"
+    base_model: str
+    metrics: dict[str, float]
+    passes: list[str] = field(default_factory=list)
+    path: str | None = None
+    base_metrics: dict[str, float] = field(default_factory=dict)  # its own run's base, for ratios
+    pareto: bool | None = None
+
+    def ratio(self, key: str) -> float | None:
+        """metrics[key] / base_metrics[key]; None for base rows and missing or zero values."""
+        b, c = self.base_metrics.get(key), self.metrics.get(key)
+        if b is None or c is None or b == 0:
+            return None
+        r = c / b
+        return r if math.isfinite(r) else None
+
+    def to_json(self) -> dict:
+        ratios = {k: r for k in self.metrics if (r := self.ratio(k)) is not None}
+        return {"name": self.name, "kind": self.kind, "path": self.path, "base_model": self.base_model,
+                "passes": self.passes, "metrics": _finite(self.metrics), "ratios": ratios,
+                "pareto": self.pareto}
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    # JSON has no inf/nan: write null (the markdown shows the value).
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+@dataclass
+class _Checkpoint:
+    path: Path
+    given: str  # the path as the user wrote it
+    manifest: dict
+
+
+def _read_checkpoint(path: str | os.PathLike) -> _Checkpoint:
+    given = str(path)
+    directory = Path(path)
+    if not directory.is_dir():
+        what = "does not exist" if not directory.exists() else "is not a directory"
+        raise LlmshrinkError(f"{given}: {what}; pass checkpoint directories written by `llmshrink apply`")
+    file = directory / MANIFEST
+    if not file.is_file():
+        raise LlmshrinkError(f"{given}: no {MANIFEST}; not a checkpoint directory written by "
+                             "`llmshrink apply`")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LlmshrinkError(f"{file}: not valid JSON ({err})") from None
+    metrics = manifest.get("metrics") if isinstance(manifest, dict) else None
+    if not (isinstance(metrics, dict) and isinstance(metrics.get("base"), dict)
+            and isinstance(metrics.get("compressed"), dict)):
+        raise LlmshrinkError(f"{file}: metrics: missing or incomplete; expected "
+                             "{'base': {...}, 'compressed': {...}} as written by `llmshrink apply`")
+    return _Checkpoint(directory, given, manifest)
+
+
+def _names(checkpoints: list[_Checkpoint]) -> list[str]:
+    """Manifest names, made unique with the directory name (then the path given) where they clash."""
+    first = [str(c.manifest.get("name") or c.path.name) for c in checkpoints]
+    names = [f"{n} ({c.path.name})" if first.count(n) > 1 else n
+             for n, c in zip(first, checkpoints, strict=True)]
+    return [f"{f} ({c.given})" if names.count(n) > 1 else n
+            for f, n, c in zip(first, names, checkpoints, strict=True)]
+
+
+def _pass_names(manifest: dict) -> list[str]:
+    return [str(p.get("pass", MISSING)) for p in manifest.get("passes") or [] if isinstance(p, dict)]
+
+
+def _base_id(c: _Checkpoint) -> str:
+    base = c.manifest.get("base_model")
+    return str(base.get("id", MISSING)) if isinstance(base, dict) else MISSING
+
+
+# Display formats of the known keys (as in report.md); other ints get separators, other floats 4 digits.
+_FORMATS: dict[str, Callable[[float], str]] = {
+    "params": lambda v: f"{int(v):,}",
+    X_KEY: lambda v: f"{v / 1e6:.2f}",
+    "perplexity": lambda v: f"{v:.2f}",
+    "decode_tokens_per_s": lambda v: f"{v:.1f}",
+    "prefill_ms": lambda v: f"{v:.1f}",
+    "load_seconds": lambda v: f"{v:.2f}",
+    "compress_seconds": lambda v: f"{v:.1f}",
+}
+
+
+def _fmt_value(key: str, v: float) -> str:
+    if key in _FORMATS:
+        return _FORMATS[key](v)
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
+
+
+def _base_rows(checkpoints: list[_Checkpoint], names: list[str]) -> tuple[list[Row], list[str]]:
+    """One row per base model id (from its first checkpoint) and notes where the checkpoints disagree."""
+    rows: list[Row] = []
+    notes: list[str] = []
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(checkpoints):
+        groups.setdefault(_base_id(c), []).append(i)
+    for base_id, members in groups.items():
+        measured = [flatten_metrics(checkpoints[i].manifest["metrics"]["base"]) for i in members]
+        rows.append(Row(name=f"base ({base_id})", kind="base", base_model=base_id, metrics=measured[0]))
+        keys = sorted({k for m in measured for k in m if not _TIMING.search(k)})
+        for key in keys:
+            values = [(names[i], m[key]) for i, m in zip(members, measured, strict=True) if key in m]
+            if any(not math.isclose(v, values[0][1], rel_tol=1e-9) for _, v in values):
+                listed = ", ".join(f"{n}: {_fmt_value(key, v)}" for n, v in values)
+                notes.append(f"base {base_id}: {key} differs between checkpoints ({listed}); the base row "
+                             f"shows {names[members[0]]}'s, and each checkpoint's ratios use its own run's "
+                             "base.")
+    return rows, notes
+
+
+def _protocols(checkpoints: list[_Checkpoint], names: list[str]) -> dict[str, dict]:
+    """Each checkpoint's perplexity protocol as its manifest has it (none when it measured no perplexity)."""
+    protocols = {}
+    for c, name in zip(checkpoints, names, strict=True):
+        proto = (c.manifest.get("evaluation") or {}).get("perplexity")
+        if isinstance(proto, dict) and proto:
+            protocols[name] = proto
+    return protocols
+
+
+def _group_protocols(protocols: dict[str, dict]) -> list[tuple[dict, list[str]]]:
+    """(method, names) per distinct way of measuring; fields that describe the model are left out."""
+    groups: dict[str, tuple[dict, list[str]]] = {}
+    for name, proto in protocols.items():
+        method = {k: v for k, v in proto.items() if k not in _PROTOCOL_IGNORED}
+        groups.setdefault(json.dumps(method, sort_keys=True, default=str), (method, []))[1].append(name)
+    return list(groups.values())
+
+
+def _protocol_text(method: dict) -> str:
+    # report.protocol_line without its prefix and its tied-embeddings part (a property of each model)
+    text = protocol_line(method).removeprefix("Perplexity protocol: ")
+    return text.rsplit(", tied embeddings:", 1)[0]
+
+
+def _protocol_warnings(protocols: dict[str, dict]) -> list[str]:
+    """Warn when the checkpoints measured perplexity differently: their perplexities are not comparable."""
+    protos = [p for p, _ in _group_protocols(protocols)]
+    if len(protos) < 2:
+        return []
+    fields = sorted({k for p in protos for k in p if any(q.get(k) != p.get(k) for q in protos)})
+    return [f"the checkpoints measured perplexity with different protocols (differing: {', '.join(fields)}), "
+            "so their perplexities are not comparable; see 'Perplexity protocol' below."]
+
+
+def _metric_label(metric: str) -> str:
+    return "ppl" if metric == "perplexity" else metric
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    align = ["---", "---"] + ["---:"] * (len(header) - 2)  # text columns left, numbers right
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _cell(row: Row, key: str) -> str:
+    v = row.metrics.get(key)
+    return MISSING if v is None else _fmt_value(key, v)
+
+
+def _ratio_cell(row: Row, key: str) -> str:
+    return ratio(row.base_metrics.get(key), row.metrics.get(key)) if row.kind == "checkpoint" else MISSING
+
+
+_MAIN_COLUMNS = {"params", X_KEY, "perplexity", "decode_tokens_per_s", "compress_seconds"}
+
+
+def _main_table(rows: list[Row], metric: str) -> str:
+    keys = ["perplexity"] + ([metric] if metric not in _MAIN_COLUMNS else [])
+    header = ["name", "passes", "params", "size (MB)", "size ratio"]
+    for key in keys:
+        header += [key, f"{_metric_label(key)} ratio"]
+    header += ["decode tok/s", "speedup", "compress (s)", "Pareto"]
+    body = []
+    for row in rows:
+        cells = [row.name, " + ".join(row.passes) or ("(base)" if row.kind == "base" else "(none)"),
+                 _cell(row, "params"), _cell(row, X_KEY), _ratio_cell(row, X_KEY)]
+        for key in keys:
+            cells += [_cell(row, key), _ratio_cell(row, key)]
+        pareto = MISSING if row.pareto is None else ("**yes**" if row.pareto else "no")
+        cells += [_cell(row, "decode_tokens_per_s"), _ratio_cell(row, "decode_tokens_per_s"),
+                  _cell(row, "compress_seconds"), pareto]
+        body.append(cells)
+    return _md_table(header, body)
+
+
+def _all_keys(rows: list[Row]) -> list[str]:
+    present = {k for r in rows for k in r.metrics}
+    return [k for k in METRIC_KEYS if k in present] + sorted(present - set(METRIC_KEYS))
+
+
+def render_markdown(data: dict, rows: list[Row], png_name: str | None = PNG_NAME) -> str:
+    """The text of comparison.md."""
+    metric = data["metric"]
+    better = "higher" if data["higher_is_better"] else "lower"
+    parts = ["# llmshrink comparison"]
+    parts += [f"> **Warning:** {w}" for w in data["warnings"]]
+    parts += [
+        f"Pareto front on size on disk (smaller is better) and {metric} ({better} is better): a row marked "
+        "**yes** is beaten on both by no other row. Ratios are each checkpoint's value / its base model's, "
+        "measured in the same run; speedup is the decode tokens/s ratio.",
+        _main_table(rows, metric),
+    ]
+    if png_name:
+        parts.append(f"![size on disk vs {metric}]({png_name})")
+    keys = _all_keys(rows)
+    every = [[r.name, r.kind, *(_cell(r, k) for k in keys)] for r in rows]
+    labels = ["size (MB)" if k == X_KEY else k for k in keys]
+    parts += ["## All metrics", _md_table(["name", "kind", *labels], every)]
+    if data["protocols"]:
+        lines = [f"- {', '.join(members)}: {_protocol_text(p)}"
+                 for p, members in _group_protocols(data["protocols"])]
+        parts += ["## Perplexity protocol", "\n".join(lines)]
+    if data["notes"]:
+        parts += ["## Notes", "\n".join(f"- {n}" for n in data["notes"])]
+    parts += ["## Checkpoints", "\n".join(f"- {r.name}: `{r.path}` (base {r.base_model})"
+                                          for r in rows if r.kind == "checkpoint")]
+    return "\n\n".join(parts) + "\n"
+
+
+def save_pareto_png(path: str | os.PathLike, rows: list[Row], metric: str, higher_better: bool) -> Path:
+    """Scatter size (MB) vs `metric`, labelled, base rows as stars, the Pareto front as a step line."""
+    # Figure + Agg canvas, not pyplot: no global state, no GUI backend (as in eval/plots.py).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn = [r for r in rows if r.pareto is not None]  # pareto is None exactly when a coordinate is missing
+    for kind, style in (("checkpoint", {"marker": "o", "s": 40, "color": "C0"}),
+                        ("base", {"marker": "*", "s": 180, "color": "C3"})):
+        points = [r for r in drawn if r.kind == kind]
+        if points:
+            ax.scatter([r.metrics[X_KEY] / 1e6 for r in points], [r.metrics[metric] for r in points],
+                       label="base model" if kind == "base" else "checkpoint", zorder=3,
+                       edgecolors=["black" if r.pareto else "none" for r in points],
+                       **style)
+    front = sorted((r for r in drawn if r.pareto), key=lambda r: (r.metrics[X_KEY], r.metrics[metric]))
+    if len(front) > 1:
+        # post-steps: with a size budget between two front points, the better one reachable is the smaller's
+        ax.step([r.metrics[X_KEY] / 1e6 for r in front], [r.metrics[metric] for r in front], where="post",
+                color="C1", linewidth=1.5, label="Pareto front", zorder=2)
+    for r in drawn:
+        ax.annotate(r.name, (r.metrics[X_KEY] / 1e6, r.metrics[metric]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    if not higher_better and "perplexity" in metric and all(r.metrics[metric] > 0 for r in drawn):
+        from matplotlib.ticker import LogFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(LogFormatter())  # "60", not "6x10^1"; minor ticks labelled when few
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.margins(x=0.12)  # room for the labels of the outermost points
+    ax.set(xlabel="size on disk (MB)", ylabel=metric)
+    ax.set_title(f"size vs {metric} ({'higher' if higher_better else 'lower'} is better)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a plot is for everyone to read
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def _direction(metric: str, given: bool | None) -> bool:
+    if metric == X_KEY:
+        raise LlmshrinkError(f"metric: {metric!r} is already the x axis; choose a quality metric such as "
+                             "perplexity")
+    if given is not None:
+        return given
+    inferred = higher_is_better(metric)
+    if inferred is None:
+        raise LlmshrinkError(f"metric: cannot tell whether higher or lower is better for {metric!r}; "
+                             "say which (--higher-is-better or --lower-is-better)")
+    return inferred
+
+
+def compare(
+    paths: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    metric: str = "perplexity",
+    include_base: bool = True,
+    higher_better: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Compare checkpoint dirs; write comparison.md, comparison.json and pareto.png into `output_dir`.
+
+    `metric`: a metrics key, nested ones as 'lm_eval/TASK/METRIC'. `higher_better`: None infers the
+    direction from the name (higher_is_better()). Returns the data written to comparison.json.
+    """
+    if not paths:
+        raise LlmshrinkError("compare: no checkpoint directories given; pass at least one")
+    seen: dict[Path, str] = {}
+    for p in paths:
+        resolved = Path(p).resolve()
+        if resolved in seen:
+            raise LlmshrinkError(f"compare: {p} is given twice (also as {seen[resolved]}); "
+                                 "pass each checkpoint once")
+        seen[resolved] = str(p)
+    checkpoints = [_read_checkpoint(p) for p in paths]
+    names = _names(checkpoints)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise LlmshrinkError(f"output: {out} is a file; pass a directory to write the comparison into")
+
+    rows = [Row(name=n, kind="checkpoint", base_model=_base_id(c), path=c.given,
+                metrics=flatten_metrics(c.manifest["metrics"]["compressed"]),
+                base_metrics=flatten_metrics(c.manifest["metrics"]["base"]),
+                passes=_pass_names(c.manifest))
+            for c, n in zip(checkpoints, names, strict=True)]
+    base_rows, notes = _base_rows(checkpoints, names)
+    if include_base:
+        rows = base_rows + rows
+    available = _all_keys(rows)
+    if metric not in available:
+        raise LlmshrinkError(f"metric: {metric!r} is in no row's metrics; available: {', '.join(available)}")
+    higher = _direction(metric, higher_better)
+
+    def point(r: Row) -> tuple[float, float] | None:
+        return (r.metrics[X_KEY], r.metrics[metric]) if X_KEY in r.metrics and metric in r.metrics else None
+
+    for row, flag in zip(rows, pareto_flags([point(r) for r in rows], higher), strict=True):
+        row.pareto = flag
+    missing = [r.name for r in rows if r.pareto is None]
+    if missing:
+        notes.append(f"left out of the Pareto front and the plot (no {X_KEY} or {metric}): "
+                     f"{', '.join(missing)}")
+    if len({r.base_model for r in rows}) > 1 and "perplexity" in metric:
+        notes.append("the rows come from different base models; perplexity per token depends on the "
+                     "tokenizer, so compare perplexities only between rows of one base model.")
+    protocols = _protocols(checkpoints, names)
+    warnings = _protocol_warnings(protocols)
+
+    front = sorted((r for r in rows if r.pareto), key=lambda r: (r.metrics[X_KEY], r.metrics[metric]))
+    data = {"metric": metric, "higher_is_better": higher, "x": X_KEY, "pareto": [r.name for r in front],
+            "rows": [r.to_json() for r in rows], "warnings": warnings, "notes": notes, "protocols": protocols}
+    out.mkdir(parents=True, exist_ok=True)
+    save_pareto_png(out / PNG_NAME, rows, metric, higher)
+    atomic_write_text(out / JSON_NAME, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(out / MD_NAME, render_markdown(data, rows))
+    for w in warnings:
+        log(f"warning: {w}")
+    log(f"Pareto-optimal on size and {metric}: {', '.join(data['pareto'])}")
+    log(f"wrote {out / MD_NAME}, {out / JSON_NAME}, {out / PNG_NAME}")
+    return data
