@@ -19,14 +19,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.report import METRIC_KEYS, MISSING, protocol_line, ratio
-from llmshrink.fileio import atomic_write_text
+from llmshrink.fileio import atomic_save_png, atomic_write_text
 
 MANIFEST = "llmshrink.json"
 X_KEY = "size_bytes"
@@ -366,18 +365,7 @@ def save_pareto_png(path: str | os.PathLike, rows: list[Row], metric: str, highe
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
 
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a plot is for everyone to read
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_save_png(fig, path)
 
 
 def _direction(metric: str, given: bool | None) -> bool:

@@ -16,6 +16,7 @@ from llmshrink.eval.efficiency import (
     macs_per_token,
     measure_latency,
     measure_memory,
+    peak_rss_mb,
 )
 from llmshrink.eval.report import comparison_rows
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear
@@ -174,6 +175,15 @@ def test_measure_memory_peaks_in_a_subprocess(tmp_path):
     assert out["peak_rss_generate_mb"] >= out["peak_rss_load_mb"] >= out["rss_before_load_mb"] > 0
     assert out["peak_rss_load_mb"] - out["rss_before_load_mb"] >= 0.9 * weights_mib, out
     assert out["generated_tokens"] == 4 and out["batch_size"] == 2
+
+
+def test_measure_memory_is_the_childs_own_peak_not_its_parents(tmp_path):
+    # Linux keeps ru_maxrss across fork + exec, so a child of a big process would report the parent's peak.
+    path = save_tiny(tiny_llama(), tmp_path / "ck")
+    ballast = torch.ones(2 * 2**30 // 4)  # 2 GiB, touched: resident in this (parent) process
+    out = measure_memory(path, prompt_tokens=4, new_tokens=2)
+    assert out["peak_rss_generate_mb"] < 1500 < 2048 <= peak_rss_mb(), out
+    del ballast
 
 
 def test_measure_memory_failure_raises_with_the_child_error(tmp_path):

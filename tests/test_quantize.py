@@ -56,11 +56,12 @@ def test_int8_dynamic_replaces_the_block_layers_keeps_head_and_reloads_exactly(t
         if name in in_blocks:
             assert isinstance(module, Int8DynamicLinear)
     assert all(is_dense_layer(model.get_submodule(name)) for name in dense if name not in in_blocks)  # head etc.
-    # Per-channel int8: each weight within half a step; a quarter of the bytes plus a scale per row.
-    assert all(layer["rel_error"] < 0.01 for layer in record["layers"])
+    # Per-channel 7-bit grid (+-63, stored as int8): Gaussian rows (max ~ 3 sigma) round with a relative rms
+    # error of about 3 / 63 / sqrt(12) = 1.4%; a quarter of the bytes plus a scale per row.
+    assert all(layer["rel_error"] < 0.02 for layer in record["layers"])
     assert 0.25 < record["ratio"] < 0.3
     after = logits(model)
-    assert 0 < relative(after, before) < 0.02  # weights and activations each rounded to 8 bits
+    assert 0 < relative(after, before) < 0.02  # 7-bit weights, 8-bit per-token activations
     reloaded = load_checkpoint(save_tiny(model, tmp_path / family))
     assert torch.equal(logits(reloaded), after)
 
@@ -91,8 +92,8 @@ def test_compressed_layers_stay_in_their_precision_and_are_listed():
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"method": "mixed"}, ".method: 'mixed' is not built yet in this version; available: "
-                              "fp16, bf16, int8-dynamic, bnb-nf4, bnb-fp4, bnb-int8, got 'mixed'"),
+        ({"method": "mixed"}, ".budget: required for method mixed: the targets' bytes after quantizing, as a "
+                              "fraction in (0, 1] of their fp32 bytes, got None"),
         ({"method": "int4"}, ".method: 'int4' is not a method; allowed: fp16, bf16, int8-dynamic, "
                              "bnb-nf4, bnb-fp4, bnb-int8, mixed, got 'int4'"),
         ({}, ".method: required field is missing"),

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from llmshrink.errors import LlmshrinkError
+from llmshrink.eval.perplexity import max_positions
 
 T = TypeVar("T")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -150,7 +151,18 @@ def load_time(fn: Callable[[], T]) -> tuple[T, float]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux, VmHWM of /proc/self/status: the high-water mark of this process's own address space. Not
+    ru_maxrss, which Linux carries across fork + exec: a fresh child would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     try:
         import resource  # POSIX only
     except ImportError:
@@ -345,15 +357,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def _random_ids(model: nn.Module, batch_size: int, length: int, seed: int) -> torch.Tensor:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not isinstance(vocab, int):
@@ -363,7 +366,7 @@ def _random_ids(model: nn.Module, batch_size: int, length: int, seed: int) -> to
 
 
 def _check_length(model: nn.Module, positions: int, what: str) -> None:
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and positions > limit:
         raise LlmshrinkError(f"{what} needs {positions} positions, the model has {limit}")
 

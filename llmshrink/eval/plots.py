@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from llmshrink.fileio import atomic_save_png
 
 
 @dataclass
@@ -48,16 +49,4 @@ def save_curves_png(path: str | os.PathLike, panels: Sequence[Panel]) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend()
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a plot is for everyone to read
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_save_png(fig, path)

@@ -1,10 +1,15 @@
-"""FakeQuantLinear: an nn.Linear that computes with its weight rounded to int8, for quantization-aware training.
+"""FakeQuantLinear: an nn.Linear computing with its weight rounded to 7 bits, for quantization-aware training.
 
 The weight stays a float parameter that the optimizer updates; every forward rounds it per output channel
-exactly as Int8DynamicLinear.from_linear will (symmetric, scale = max|W[i, :]| / 127), so the model trains
-against the error it will have once converted. Rounding has no useful gradient, so the backward treats it
-as the identity (straight-through estimator). Optionally the input is rounded as fbgemm's dynamic int8
-kernel rounds activations (per tensor, affine, 7 bits: reduce_range).
+exactly as Int8DynamicLinear.from_linear will (symmetric, scale = max|W[i, :]| / 63, values -63..63: the
+int8 kernel's int16 pair sums stay exact against 8-bit activations), so the model trains against the error
+it will have once converted. Rounding has no useful gradient, so the backward treats it as the identity
+(straight-through estimator).
+
+Optionally (`activations`) the input is rounded as Int8DynamicLinear rounds it: each token (row over the last
+dim) divided by its max|x|, the whole normalized tensor rounded to uint8 0..255 with one affine scale and
+zero point from its min and max, computed as fbgemm computes them, then multiplied back by max|x|. The
+forward then matches the converted layer's to float rounding (the products are summed in another order).
 
 This file imports only torch: it is copied verbatim into checkpoints as remote code, so that plain
 transformers can rebuild the model without llmshrink installed.
@@ -16,12 +21,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-QMAX = 127  # symmetric int8 weights: -127..127
-ACT_QMAX = 127  # uint8 activations with reduce_range: 0..127
+TINY = torch.finfo(torch.float32).tiny  # the per-token scale of a row of zeros
+QMAX = 63  # symmetric weights: -63..63, as Int8DynamicLinear stores them
+ACT_QMAX = 255  # uint8 activations: 0..255
 
 
 def round_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 rounding, returned dequantized; straight-through gradient.
+    """Per-output-channel symmetric 7-bit rounding, returned dequantized; straight-through gradient.
 
     Computed as Int8DynamicLinear.from_linear computes it (float64 division by the float32 scale it stores),
     so that converting a trained layer gives exactly the weights it trained with."""
@@ -34,17 +40,31 @@ def round_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def round_activations(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor affine 7-bit rounding of the input (fbgemm's dynamic scheme); straight-through gradient."""
-    low = x.detach().min().clamp(max=0)
-    high = x.detach().max().clamp(min=0)
-    scale = ((high - low) / ACT_QMAX).clamp(min=torch.finfo(torch.float32).tiny)
-    zero = torch.round(-low / scale).clamp(0, ACT_QMAX)
-    rounded = (torch.round(x / scale + zero).clamp(0, ACT_QMAX) - zero) * scale
-    return x + (rounded - x).detach()
+    """Per-token 8-bit rounding of the input, as Int8DynamicLinear does it; straight-through gradient."""
+    v = x.detach().float()
+    if v.numel() == 0:
+        return x
+    # As Int8DynamicLinear: max|x| per row, the smallest normal float for a row of zeros (it stays zeros).
+    amax = torch.linalg.vector_norm(v, float("inf"), dim=-1, keepdim=True).clamp_min(TINY)
+    normed = v / amax
+    # fbgemm (ChooseQuantizationParams): the range widened to hold 0, the scale computed in float64 and
+    # used as fp32 for the rounding, but the zero point computed with the float64 one: with the usual
+    # range [-1, 1] it is round(127.5) = 128, where the fp32 scale would give 127.
+    low = normed.min().double().clamp(max=0)
+    high = normed.max().double().clamp(min=0)
+    scale64 = (high - low) / ACT_QMAX
+    scale64 = torch.where(scale64 > 0, scale64, 0.1)  # all zeros: fbgemm's fallback (any scale would do)
+    zero = torch.round(-low / scale64).clamp(0, ACT_QMAX)
+    scale = scale64.float()
+    # fbgemm multiplies by the fp32 reciprocal and adds the zero point in one fused multiply-add, rounded
+    # once to fp32: float64 products of fp32 numbers are exact, so float64 then fp32 rounds the same.
+    codes = torch.round((normed.double() * (1 / scale).double() + zero).float()).clamp(0, ACT_QMAX)
+    rounded = (codes - zero.float()) * scale * amax
+    return x + (rounded.to(x.dtype) - x).detach()
 
 
 class FakeQuantLinear(nn.Linear):
-    """nn.Linear whose forward uses the int8-rounded weight (and, optionally, 7-bit-rounded inputs)."""
+    """nn.Linear whose forward uses the 7-bit-rounded weight (and, optionally, per-token 8-bit inputs)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activations: bool = False,
                  device=None, dtype=None):
@@ -66,7 +86,7 @@ class FakeQuantLinear(nn.Linear):
         return layer
 
     def to_dense(self) -> torch.Tensor:
-        """The weight the forward uses: on the int8 grid."""
+        """The weight the forward uses: on the grid Int8DynamicLinear stores."""
         return round_weight(self.weight).detach()
 
     def to_linear(self) -> nn.Linear:

@@ -1,8 +1,9 @@
 """qat pass: quantization-aware training, the first half. Targeted Linear/Conv1D layers become FakeQuantLinear,
-which computes with its weight rounded to int8 per output channel (and, with `activations: true`, its input
-rounded as the int8 kernel will), so that a following `distill` stage trains the model against its quantization
-error. A later `quantize: {method: int8-dynamic}` stage converts them to real int8 layers: it rounds exactly as
-the training did, so the converted weights are the ones trained on the grid. A recipe:
+which computes with its weight rounded per output channel to the int8 layer's grid (-63..63; and, with
+`activations: true`, its input rounded per token to 8 bits as the int8 kernel will), so that a following
+`distill` stage trains the model against its quantization error. A later `quantize: {method: int8-dynamic}`
+stage converts them to real int8 layers: it rounds exactly as the training did, so the converted weights are
+the ones trained on the grid. A recipe:
 
     - qat: {}
     - distill: {steps: 100}
