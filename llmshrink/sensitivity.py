@@ -32,16 +32,22 @@ def layer_sensitivity(
     compress: Callable[[str, nn.Module], nn.Module],
     token_ids: torch.Tensor,
     window: int = 256,
+    desc: str = "sensitivity",
+    unit: str = "block",
 ) -> dict[int, float]:
-    """Calibration perplexity with each block's targets compressed (the others left dense)."""
+    """Calibration perplexity with each group's targets compressed (the others left as they are).
+
+    Groups are usually blocks; any int key works (quantize's mixed method measures one layer per group).
+    """
     from llmshrink.eval.perplexity import perplexity
 
+    device = next(model.parameters()).device  # where the model runs: the tokens follow it
     scores = {}
-    for index, members in tqdm(sorted(groups.items()), desc="sensitivity", unit="block", leave=False):
+    for index, members in tqdm(sorted(groups.items()), desc=desc, unit=unit, leave=False):
         for name, module in members:
             replace_module(model, name, compress(name, module))
         try:
-            scores[index] = perplexity(model, token_ids, window, window, progress=False).ppl
+            scores[index] = perplexity(model, token_ids, window, window, device=device, progress=False).ppl
         finally:
             for name, module in members:
                 replace_module(model, name, module)

@@ -380,8 +380,8 @@ def test_a_checkpoint_whose_bnb_config_is_missing_or_foreign_is_refused_in_one_l
          ".int8_threshold: input should be greater than or equal to 0, got -1"),
         ({"method": "bnb-fp4", "double_quant": "maybe"},
          ".double_quant: input should be a valid boolean, unable to interpret input, got 'maybe'"),
-        ({"method": "mixed"}, ".method: 'mixed' is not built yet in this version; available: "
-                              "fp16, bf16, int8-dynamic, bnb-nf4, bnb-fp4, bnb-int8, got 'mixed'"),
+        ({"method": "mixed"}, ".budget: required for method mixed: the targets' bytes after quantizing, as a "
+                              "fraction in (0, 1] of their fp32 bytes, got None"),
     ],
 )
 def test_bad_config_is_one_line(body, message):

@@ -12,12 +12,14 @@
     method: bnb-int8         the same targets become bitsandbytes' Linear8bitLt (LLM.int8): int8 weights, one
                              absmax per output row; input columns holding a value above int8_threshold run in
                              fp16 against the dequantized weights, the rest in int8
+    method: mixed            each target gets one of `choices` (fp32, int8-dynamic, at most one bnb-*), the set
+                             that raises calibration perplexity least (each layer and format measured alone)
+                             while the targets fit in `budget` x their fp32 bytes (see quantize_mixed.py)
 The bnb layers are those that transformers' load_in_4bit / load_in_8bit make: checkpoints hold transformers'
 bnb format (see llmshrink/bnb.py), and loading them needs bitsandbytes.
 
 llmshrink's own compressed layers (Kronecker, low-rank, ...) are left in their precision and listed in the record
-(`kept`). Not built yet, and refused when the recipe is read: mixed (per-layer bit widths from a sensitivity
-measure).
+(`kept`).
 """
 
 from __future__ import annotations
@@ -39,23 +41,35 @@ from llmshrink.passes.base import PassConfig, PassRecord
 from llmshrink.registry import register_pass
 from llmshrink.targeting import find_targets, replace_module, shared_weight_names
 
-BUILT = ("fp16", "bf16", "int8-dynamic", *bnb.METHODS)
-PLANNED = ("mixed",)
+BUILT = ("fp16", "bf16", "int8-dynamic", *bnb.METHODS, "mixed")
+PLANNED: tuple[str, ...] = ()  # methods refused when the recipe is read, as not built yet
+MIXED_FORMATS = ("fp32", "int8-dynamic", *bnb.METHODS)
 CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class QuantizeConfig(PassConfig):
-    method: str = Field(..., description=f"one of {', '.join(BUILT)} ({', '.join(PLANNED)}: not built yet)")
+    method: str = Field(..., description=f"one of {', '.join(BUILT)}")
     targets: str = Field(
         r".*\.\d+\..*",
-        description="int8-dynamic, bnb-*: regex over full Linear/Conv1D names (default: inside the blocks)",
+        description="int8-dynamic, bnb-*, mixed: regex over full Linear/Conv1D names (default: inside the blocks)",
     )
     exclude: str | None = Field(
-        None, description="int8-dynamic, bnb-*: regex of layer names to leave in float"
+        None, description="int8-dynamic, bnb-*, mixed: regex of layer names to leave in float"
     )
     tied_embeddings: Literal["refuse", "untie"] = Field(
-        "refuse", description="int8-dynamic, bnb-*, a target tied to the embeddings (lm_head): refuse, or "
+        "refuse", description="int8-dynamic, bnb-*, mixed, a target tied to the embeddings (lm_head): refuse, or "
         "untie it so that it runs quantized while the embedding stays float (more bytes, faster decode)",
+    )
+    budget: float | None = Field(
+        None, gt=0.0, le=1.0, validate_default=True,
+        description="mixed (required): bytes of the targets after quantizing, as a fraction of their fp32 bytes",
+    )
+    choices: tuple[str, ...] = Field(
+        ("bnb-nf4", "int8-dynamic", "fp32"),
+        description=f"mixed: the formats a layer may get, of {', '.join(MIXED_FORMATS)} (at most one bnb-*)",
+    )
+    calibration_tokens: int = Field(
+        512, ge=16, description="mixed: calibration tokens (from data:) of each layer's sensitivity measurement"
     )
     double_quant: bool = Field(True, description="bnb-nf4, bnb-fp4: store the per-block absmax in 8 bits too")
     compute_dtype: Literal["float32", "bfloat16"] = Field(
@@ -76,22 +90,64 @@ class QuantizeConfig(PassConfig):
             raise PydanticCustomError("method", f"{method!r} is not a method; allowed: {', '.join(BUILT + PLANNED)}")
         return method
 
+    @field_validator("budget")
+    @classmethod
+    def _budget_for_mixed(cls, budget: float | None, info: ValidationInfo) -> float | None:
+        method = info.data.get("method")
+        if method == "mixed" and budget is None:
+            raise PydanticCustomError("budget_missing", "required for method mixed: the targets' bytes after "
+                                      "quantizing, as a fraction in (0, 1] of their fp32 bytes")
+        if method not in (None, "mixed") and budget is not None:
+            raise PydanticCustomError("method_setting", f"only for method mixed, not {method!r}")
+        return budget
+
+    @field_validator("choices", "calibration_tokens")
+    @classmethod
+    def _for_mixed(cls, value: object, info: ValidationInfo) -> object:
+        method = info.data.get("method")
+        if method not in (None, "mixed"):
+            raise PydanticCustomError("method_setting", f"only for method mixed, not {method!r}")
+        if info.field_name == "choices":
+            _check_choices(value)
+        return value
+
     @field_validator("double_quant", "compute_dtype", "int8_threshold")
     @classmethod
     def _for_its_method(cls, value: object, info: ValidationInfo) -> object:
         # Runs only for keys the recipe sets: a setting of another method is a misplaced key, not a no-op.
         methods = list(bnb.FOUR_BIT) if info.field_name != "int8_threshold" else ["bnb-int8"]
         method = info.data.get("method")
+        if method == "mixed" and set(methods) & set(info.data.get("choices", ())):
+            return value  # the setting of mixed's bitsandbytes format
         if method is not None and method not in methods:
+            also = f" (or mixed with {' or '.join(methods)} among its choices)" if method == "mixed" else ""
             raise PydanticCustomError("method_setting",
-                                      f"only for method {' or '.join(methods)}, not {method!r}")
+                                      f"only for method {' or '.join(methods)}{also}, not {method!r}")
         return value
 
     def bnb_spec(self) -> bnb.BnbSpec:
         return bnb.BnbSpec(self.method, self.double_quant, self.compute_dtype, self.int8_threshold)
 
 
+def _check_choices(choices: tuple[str, ...]) -> None:
+    unknown = [fmt for fmt in choices if fmt not in MIXED_FORMATS]
+    if unknown:
+        raise PydanticCustomError("choices", f"{unknown[0]!r} is not a format; allowed: {', '.join(MIXED_FORMATS)}")
+    if len(set(choices)) != len(choices):
+        raise PydanticCustomError("choices", "each format at most once")
+    if len(choices) < 2:
+        raise PydanticCustomError("choices", "at least two formats to choose between")
+    bnb_formats = [fmt for fmt in choices if fmt in bnb.METHODS]
+    if len(bnb_formats) > 1:
+        raise PydanticCustomError("choices", f"at most one bitsandbytes format, not {' and '.join(bnb_formats)}: "
+                                  "a checkpoint's quantization_config describes one")
+
+
 def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
+    if cfg.method == "mixed":
+        from llmshrink.passes.quantize_mixed import mixed_quantize  # built on this module's helpers
+
+        return mixed_quantize(model, cfg, ctx)
     if cfg.method in CASTS:
         return cast(model, CASTS[cfg.method], cfg.method)
     if cfg.method in bnb.METHODS:
