@@ -5,7 +5,7 @@ lm_head stays fp32) or on the lm_head too (+head: untied, the embedding stays fp
 blocks' layers; and those after the offline recipe's Kronecker layers (no recovery; they stay fp32). Measured in
 one run against the fp32 base: size of the checkpoint's weights on disk, seconds the passes took, seconds
 load_checkpoint takes, CPU prefill ms and greedy decode tokens/s (batch 1), held-out perplexity on
-builtin:shakespeare (test). `mixed` is not built yet (see README).
+builtin:shakespeare (test). `mixed` picks nf4, int8 or fp32 per layer under a 0.2x byte budget.
 
     python benchmarks/precision.py                     # about 10 min on 2 cores
     python benchmarks/precision.py --methods fp32,int8-dynamic --eval-tokens 1024 --latency-repeats 1
@@ -33,6 +33,9 @@ from llmshrink.specs import DataSpec
 KRONECKER = ("kronecker", {"targets": r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj", "a_shape": (32, 24),
                           "rank": 4, "permute": False, "layers": [5, 7, 10, 12, 13, 14, 16, 17, 18, 19, 26]})
 NF4 = ("quantize", {"method": "bnb-nf4"})
+# Per layer nf4, int8 or fp32, chosen by measured calibration perplexity, in 0.2x the fp32 bytes of the blocks'
+# layers (between all-nf4, ~0.13x, and all-int8, ~0.26x).
+MIXED = ("quantize", {"method": "mixed", "budget": 0.2, "calibration_tokens": 256})
 INT8_ALL = ("quantize", {"method": "int8-dynamic", "targets": r".*\.\d+\..*|lm_head", "tied_embeddings": "untie"})
 # Each row: the passes applied to the fp32 base, in order (the Kronecker layers are the offline recipe's).
 METHODS = {
@@ -43,6 +46,7 @@ METHODS = {
     "int8-dynamic+head": [INT8_ALL],
     "kronecker+int8-dynamic+head": [KRONECKER, INT8_ALL],
     "nf4": [NF4],
+    "mixed": [MIXED],
     "kronecker+nf4": [KRONECKER, NF4],
 }
 
@@ -65,7 +69,9 @@ def main() -> None:
     base, tokenizer = loaded.model, loaded.tokenizer
     eval_ids = token_ids(DataSpec(source="builtin:shakespeare", split="test", max_tokens=args.eval_tokens),
                          tokenizer)
-    ctx = Context(tokenizer=tokenizer, seed=0, log=lambda _: None)
+    # Calibration text for `mixed`: the training plays, never the evaluation ones.
+    ctx = Context(tokenizer=tokenizer, data=DataSpec(source="builtin:shakespeare", split="train"), seed=0,
+                  log=lambda _: None)
     print(f"SmolLM2-135M; perplexity on {len(eval_ids)} tokens of builtin:shakespeare (test), window {args.window}; "
           f"latency: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of "
           f"{args.latency_repeats}, {torch.get_num_threads()} CPU threads", flush=True)

@@ -12,7 +12,7 @@ import torch
 from llmshrink import __version__
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
-from llmshrink.fileio import atomic_write_text
+from llmshrink.fileio import atomic_write_text, make_readable
 from llmshrink.passes.lora import load_adapter, lora_settings, merge_lora, save_adapter, unload_lora
 from llmshrink.recipe import LatencySpec, LoadedRecipe, Recipe
 from llmshrink.registry import get_pass
@@ -122,6 +122,7 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
                     overwrite=recipe.output.overwrite)
     if adapter is not None:
         adapter.rename(out_dir / ADAPTER_DIR)
+        make_readable(out_dir / ADAPTER_DIR)  # safetensors writes 0600
     shutil.rmtree(work_root, ignore_errors=True)
 
     log(f"[{next(step)}/{steps}] verify reload")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WITHOUT_LLMSHRINK, relative, tiny_gpt2, tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
@@ -58,8 +58,9 @@ def by_hand(x: torch.Tensor, layer: Int8DynamicLinear, levels: int = 255) -> tor
     tensor to 0..levels with fbgemm's parameters (range widened to hold 0; scale computed in float64 and
     used as fp32; zero point from the float64 scale, half to even; codes = round(fp32(x * fp32(1 / scale)
     + zero point)), one fused multiply-add); integer products with the int8 weight (exact, as fbgemm's int32
-    sums are when nothing saturates); scaled back, times max|x|, plus bias."""
-    amax = row_max(x)
+    sums are when nothing saturates); scaled back, times max|x|, plus bias. A single row (one token) is
+    quantized as it is: amax 1."""
+    amax = row_max(x) if x.numel() != x.shape[-1] else torch.ones(())
     normed = x.float() / amax
     low, high = min(float(normed.min()), 0.0), max(float(normed.max()), 0.0)
     scale64 = (high - low) / levels
@@ -422,3 +423,22 @@ def test_remote_code_reloads_exactly_without_llmshrink(saved, tmp_path):
         # The layer class came from the checkpoint folder (copied by transformers), not from llmshrink.
         assert module.startswith(f"transformers_modules.{name}.") and module.endswith(".int8_dynamic")
         assert torch.equal(torch.load(f"{out}.logits.pt"), logits(model))
+
+
+@torch.no_grad()
+def test_one_token_is_quantized_with_its_own_range_without_the_per_row_scaling():
+    # Decode feeds one token at a time: fbgemm's per-tensor scale is then that token's own, so the layer
+    # skips the normalisation (and the QAT rounding skips it the same way).
+    from llmshrink.modules.fake_quant import FakeQuantLinear
+
+    torch.manual_seed(3)
+    linear = nn.Linear(256, 128)
+    layer = Int8DynamicLinear.from_linear(linear)
+    fake = FakeQuantLinear.from_linear(linear, activations=True)
+    for x in (torch.randn(1, 256), torch.randn(1, 1, 256) * 30, torch.randn(256)):
+        y = layer(x)
+        assert torch.allclose(y.double(), by_hand(x.reshape(1, -1), layer).reshape(y.shape), rtol=0, atol=1e-5)
+        assert torch.allclose(fake(x), y, rtol=0, atol=1e-5 + 1e-6 * float(y.abs().max()))  # fp32 matmul
+        in_batch = layer(torch.cat([x.reshape(1, -1), torch.randn(3, 256)]))[0]  # normalised with the others
+        exact = linear(x).reshape(-1)
+        assert relative(y.reshape(-1), exact) < 1.5e-2 and relative(in_batch, exact) < 1.5e-2  # both ~1%

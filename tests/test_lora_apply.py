@@ -4,6 +4,7 @@ saved beside it in peft's format."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -52,6 +53,9 @@ def test_lora_recipe_merges_or_saves_a_peft_adapter(tmp_path, tiny_model_dir, ti
     assert manifest["adapter"] == {"dir": "adapter", "merged": False}
     assert manifest["checks"]["adapter_reload_max_abs_logit_diff"] < 1e-5
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     with torch.no_grad():  # the adapters are not merged: attention weights as loaded, the adapter changes logits
         assert torch.equal(model.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
         plain = model(IDS).logits

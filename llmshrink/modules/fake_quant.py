@@ -44,8 +44,12 @@ def round_activations(x: torch.Tensor) -> torch.Tensor:
     v = x.detach().float()
     if v.numel() == 0:
         return x
-    # As Int8DynamicLinear: max|x| per row, the smallest normal float for a row of zeros (it stays zeros).
-    amax = torch.linalg.vector_norm(v, float("inf"), dim=-1, keepdim=True).clamp_min(TINY)
+    # As Int8DynamicLinear: max|x| per row, the smallest normal float for a row of zeros (it stays zeros);
+    # a single row (one token) is quantized as it is, its own range being the tensor's.
+    if v.numel() == v.shape[-1]:
+        amax = torch.ones((), dtype=v.dtype, device=v.device)
+    else:
+        amax = torch.linalg.vector_norm(v, float("inf"), dim=-1, keepdim=True).clamp_min(TINY)
     normed = v / amax
     # fbgemm (ChooseQuantizationParams): the range widened to hold 0, the scale computed in float64 and
     # used as fp32 for the rounding, but the zero point computed with the float64 one: with the usual
