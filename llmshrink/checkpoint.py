@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import secrets
 import shutil
 from collections.abc import Iterable
@@ -375,25 +376,42 @@ def _read_tensor_meta(path: Path) -> dict[str, tuple[list[int], str]]:
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
-    expected = model.state_dict()
+    """Load block by block, so that at most one block's tensors exist twice (file copy and parameter)."""
+    expected = {key: (tuple(t.shape), t.dtype) for key, t in model.state_dict().items()}
     _check_keys(model, _read_tensor_meta(path).keys(), path)
-    loaded: dict[str, torch.Tensor] = {}
+    loaded: set[str] = set()
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                want = expected[key]
-                if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
-                    raise LlmshrinkError(
-                        f"{file}: {key}: saved {tuple(tensor.shape)} {tensor.dtype}, "
-                        f"the rebuilt model expects {tuple(want.shape)} {want.dtype}"
-                    )
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise LlmshrinkError(f"{file}: {key}: contains NaN or inf")
-                loaded[key] = tensor
-    model.load_state_dict(loaded, strict=False)
+            groups = _block_groups(handle.keys())
+        for keys in groups:
+            # A fresh mapping per block: the pages read stay resident while the file is open.
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                chunk = {key: _checked_tensor(handle, key, expected[key], file) for key in keys}
+            model.load_state_dict(chunk, strict=False)
+            loaded.update(chunk)
     model.tie_weights()
-    _check_aliases(model, set(loaded), path)
+    _check_aliases(model, loaded, path)
+
+
+def _block_groups(keys: Iterable[str]) -> list[list[str]]:
+    """Keys grouped by their numbered block ("model.layers.3."), the rest together: a module's keys
+    always share a group, as its load hooks need them together."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        block = re.match(r"(.*?\.\d+\.)", key)
+        groups.setdefault(block.group(1) if block else "", []).append(key)
+    return list(groups.values())
+
+
+def _checked_tensor(handle: Any, key: str, want: tuple[tuple[int, ...], torch.dtype], file: Path) -> torch.Tensor:
+    tensor = handle.get_tensor(key)
+    if (tuple(tensor.shape), tensor.dtype) != want:
+        raise LlmshrinkError(
+            f"{file}: {key}: saved {tuple(tensor.shape)} {tensor.dtype}, the rebuilt model expects {want[0]} {want[1]}"
+        )
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise LlmshrinkError(f"{file}: {key}: contains NaN or inf")
+    return tensor
 
 
 def _check_keys(model: nn.Module, file_keys: Iterable[str], where: Path) -> None:

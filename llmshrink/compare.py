@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.report import METRIC_KEYS, MISSING, protocol_line, ratio
+from llmshrink.eval.report import METRIC_KEYS, MISSING, format_metric, protocol_line, ratio
 from llmshrink.fileio import atomic_save_png, atomic_write_text
 
 MANIFEST = "llmshrink.json"
@@ -177,24 +177,6 @@ def _base_id(c: _Checkpoint) -> str:
     return str(base.get("id", MISSING)) if isinstance(base, dict) else MISSING
 
 
-# Display formats of the known keys (as in report.md); other ints get separators, other floats 4 digits.
-_FORMATS: dict[str, Callable[[float], str]] = {
-    "params": lambda v: f"{int(v):,}",
-    X_KEY: lambda v: f"{v / 1e6:.2f}",
-    "perplexity": lambda v: f"{v:.2f}",
-    "decode_tokens_per_s": lambda v: f"{v:.1f}",
-    "prefill_ms": lambda v: f"{v:.1f}",
-    "load_seconds": lambda v: f"{v:.2f}",
-    "compress_seconds": lambda v: f"{v:.1f}",
-}
-
-
-def _fmt_value(key: str, v: float) -> str:
-    if key in _FORMATS:
-        return _FORMATS[key](v)
-    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
-
-
 def _base_rows(checkpoints: list[_Checkpoint], names: list[str]) -> tuple[list[Row], list[str]]:
     """One row per base model id (from its first checkpoint) and notes where the checkpoints disagree."""
     rows: list[Row] = []
@@ -209,7 +191,7 @@ def _base_rows(checkpoints: list[_Checkpoint], names: list[str]) -> tuple[list[R
         for key in keys:
             values = [(names[i], m[key]) for i, m in zip(members, measured, strict=True) if key in m]
             if any(not math.isclose(v, values[0][1], rel_tol=1e-9) for _, v in values):
-                listed = ", ".join(f"{n}: {_fmt_value(key, v)}" for n, v in values)
+                listed = ", ".join(f"{n}: {format_metric(key, v)}" for n, v in values)
                 notes.append(f"base {base_id}: {key} differs between checkpoints ({listed}); the base row "
                              f"shows {names[members[0]]}'s, and each checkpoint's ratios use its own run's "
                              "base.")
@@ -264,7 +246,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _cell(row: Row, key: str) -> str:
     v = row.metrics.get(key)
-    return MISSING if v is None else _fmt_value(key, v)
+    return MISSING if v is None else format_metric(key, v)
 
 
 def _ratio_cell(row: Row, key: str) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmshrink.errors import LlmshrinkError, did_you_mean
+from llmshrink.eval import EVALS_DIR
 from llmshrink.eval.perplexity import max_positions
 from llmshrink.specs import Spec
 
@@ -34,9 +35,7 @@ Reference = str | Sequence[str]
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 SUMMARY_PROMPT = "Summarize the dialogue.\n{input}\nSummary:"
 DATA_TO_TEXT_PROMPT = "Describe the restaurant in one sentence.\n{input}\nDescription:"
-# evals/ lives in the source tree beside the package (llmshrink/eval/generation.py -> repository root).
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EVALS_DATA = REPO_ROOT / "evals" / "data"
+EVALS_DATA = EVALS_DIR / "data"
 
 
 # --- metrics ---------------------------------------------------------------------------------------

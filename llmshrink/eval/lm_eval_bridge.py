@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 
 from llmshrink.errors import LlmshrinkError, did_you_mean
+from llmshrink.eval import EVALS_DIR
 from llmshrink.specs import Spec
 
 ALL_LOCAL_TAG = "llmshrink_offline"  # the tag every task in evals/ carries: runs them all
@@ -43,7 +44,7 @@ class LmEvalSpec(Spec):
 
 def evals_dir() -> Path:
     """The repository's evals/ directory (it is not part of the installed package)."""
-    path = Path(__file__).resolve().parents[2] / "evals"
+    path = EVALS_DIR
     if not path.is_dir():
         raise LlmshrinkError(
             f"lm_eval.include_path: no evals/ directory at {path} (it ships with the llmshrink repository, not "

@@ -85,10 +85,15 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def format_metric(key: str, value: float) -> str:
+    """A metric value as report.md and comparison.md show it; unknown ints get separators, floats 4 digits."""
+    if key in _ROWS:
+        return _ROWS[key][1](value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
 def _cell(key: str, value) -> str:
-    if not _is_number(value):
-        return MISSING
-    return _ROWS[key][1](value) if key in _ROWS else f"{value:g}"
+    return format_metric(key, value) if _is_number(value) else MISSING
 
 
 def ratio(base, compressed) -> str:
