@@ -26,6 +26,8 @@ from llmshrink.eval.efficiency import (
 )
 from llmshrink.eval.perplexity import perplexity
 from llmshrink.eval.report import comparison_rows, format_table, protocol_line, write_report_md
+from llmshrink.modules.clustered import ClusteredLinear
+from llmshrink.modules.int8_dynamic import Int8DynamicLinear
 from llmshrink.modules.kronecker import KroneckerLinear
 
 VOCAB = 101
@@ -150,6 +152,15 @@ def test_count_params_of_kronecker_linear():
     assert count_params(layer) == 2 * (2 * 3 + 3 * 4) + 6
     # The permutation index buffers are stored in a checkpoint but are not parameters.
     assert count_bytes(layer) == 42 * 4 + (12 + 6) * 8
+
+
+def test_count_params_counts_int8_and_clustered_weights_held_in_buffers():
+    linear = nn.Linear(12, 6)
+    assert count_params(Int8DynamicLinear.from_linear(linear)) == 12 * 6 + 6
+    clustered = ClusteredLinear.from_clusters(linear, torch.tensor([-0.1, 0.1]), torch.randint(0, 2, (6, 12)))
+    assert count_params(clustered) == 12 * 6 + 2 + 6  # every weight, the 2-entry codebook, the bias
+    model = nn.Sequential(Int8DynamicLinear.from_linear(linear), nn.Linear(6, 3, bias=False))
+    assert count_params(model) == 12 * 6 + 6 + 6 * 3
 
 
 def test_safetensors_bytes_is_tensor_bytes_plus_header(gpt2):

@@ -58,8 +58,11 @@ def _weights(p: torch.Tensor) -> int:
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of unique parameters: tied or shared weights count once; buffers do not count."""
-    return sum(_weights(p) for p in _unique_params(model).values())
+    """Number of unique parameters: tied or shared weights count once. Weights that llmshrink's int8 and
+    clustered layers keep in integer buffers count as the parameters they stand for (as bitsandbytes'
+    packed 4-bit parameters do); other buffers do not count."""
+    params = sum(_weights(p) for p in _unique_params(model).values())
+    return params + sum(m.buffered_weights() for m in model.modules() if hasattr(m, "buffered_weights"))
 
 
 def count_bytes(model: nn.Module) -> int:

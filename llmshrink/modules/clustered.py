@@ -142,6 +142,11 @@ class ClusteredLinear(nn.Module):
             "bias": self.bias is not None,
         }
 
+    def buffered_weights(self) -> int:
+        """Weights held as packed indices rather than parameters: efficiency.count_params counts them (and
+        the codebook's k values, which are parameters, on top)."""
+        return self.in_features * self.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.gathered_weight(), self.bias)
 

@@ -113,6 +113,10 @@ class Int8DynamicLinear(nn.Module):
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None}
 
+    def buffered_weights(self) -> int:
+        """Weights held in a buffer rather than parameters: efficiency.count_params counts them."""
+        return self.weight_int8.numel()
+
     def packed_weight(self):
         """fbgemm's packed weight (no bias), rebuilt if the tensors it came from changed since."""
         # Dict lookups, not attributes: nn.Module.__getattr__ costs ~1 us each, on every call.
