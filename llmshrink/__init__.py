@@ -1,6 +1,10 @@
 """llmshrink: make small language models smaller and faster, and prove it with numbers."""
 
+from llmshrink import quiet as _quiet
+
 __version__ = "0.1.0"
+
+_quiet.install()  # before anything imports bitsandbytes: see llmshrink/quiet.py
 
 
 def load(path, device="cpu"):

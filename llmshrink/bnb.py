@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,34 @@ class BnbSpec:
 
 def import_bnb(where: str) -> Any:
     try:
-        import bitsandbytes
+        bitsandbytes = import_without_hub_kernel()
     except Exception as err:  # ImportError, or bitsandbytes' own error when its native library cannot load
         raise LlmshrinkError(f"{where} needs bitsandbytes, which cannot be imported ({_one_line(err)}); "
                              f"use one of {', '.join(FALLBACK)}") from None
+    return bitsandbytes
+
+
+def import_without_hub_kernel() -> Any:
+    """Import bitsandbytes without its import-time fetch of a CPU kernel from the Hugging Face hub.
+
+    On AVX512-BF16 CPUs bitsandbytes 0.50 downloads (or, offline, fails to find) a kernel for its repacked
+    bf16 path, which `_settle` turns off on every layer llmshrink makes or loads: hiding `kernels` during the
+    import skips a network round trip (seconds) and a native download that would never run.
+    """
+    if "bitsandbytes" in sys.modules:  # imported already (by peft, transformers, the user): nothing to skip
+        import bitsandbytes
+
+        return bitsandbytes
+    missing = "kernels" not in sys.modules
+    saved = sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # type: ignore[assignment]  # makes `from kernels import ...` fail
+    try:
+        import bitsandbytes
+    finally:
+        if missing:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = saved  # type: ignore[assignment]
     return bitsandbytes
 
 

@@ -34,6 +34,7 @@ from llmshrink import __version__
 from llmshrink.bnb import quantization_config, rebuild_layers
 from llmshrink.errors import LlmshrinkError
 from llmshrink.fileio import make_readable
+from llmshrink.lazy_load import check_materialised, first_nonfinite, meta_weights
 from llmshrink.modules import COMPRESSED_MODULES
 from llmshrink.remote_template import REMOTE_FILE, write_remote_code
 
@@ -82,12 +83,16 @@ def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> None:
             old = getattr(parent, child)
         except AttributeError:
             raise LlmshrinkError(f"{where}: {type(model).__name__} has no such module") from None
+        like = next(iter(old.parameters()), None) if isinstance(old, nn.Module) else None
+        on_meta = like is not None and like.is_meta  # load_checkpoint's empty model: stay empty
         try:
-            layer = cls(**spec.get("args", {}))
+            with meta_weights() if on_meta else nullcontext():
+                layer = cls(**spec.get("args", {}))
         except (TypeError, ValueError) as err:
             raise LlmshrinkError(f"{where}: cannot build {cls.__name__}: {err}") from None
-        like = next(iter(old.parameters()), None) if isinstance(old, nn.Module) else None
-        if like is not None:
+        if on_meta:  # .to("meta") would also send the real non-persistent buffers there
+            layer = layer.to(dtype=like.dtype)
+        elif like is not None:
             layer = layer.to(device=like.device, dtype=like.dtype)
         setattr(parent, child, layer)
         built[name] = layer
@@ -140,33 +145,54 @@ def save_checkpoint(
     """
     out_dir = Path(out_dir)
     _check_destination(model, out_dir, overwrite)
-    base = _base_architecture(model)
-    layout = compressed_layout(model)
-    attrs = module_attrs(model)
-    quantization = quantization_config(model)  # bitsandbytes layers, in transformers' format (bnb.py)
-    manifest_text = _manifest_text(model, base, manifest)  # fails early if not JSON-serialisable
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    write_checkpoint(model, tokenizer, tmp, recipe_text=recipe_text, manifest=manifest, model_card=model_card)
     try:
-        _save_weights_and_config(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _patch_config(tmp, model, base, layout, attrs, quantization)
-        _check_saved_keys(model, tmp)
-        (tmp / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
-        (tmp / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
-        (tmp / "README.md").write_text(model_card, encoding="utf-8")
-        make_readable(tmp)  # safetensors and mkdtemp-style dirs would otherwise be owner-only
-        _move_into_place(tmp, out_dir, overwrite)
+        move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
+def write_checkpoint(
+    model: nn.Module, tokenizer: Any, directory: str | Path, *, recipe_text: str, manifest: dict[str, Any],
+    model_card: str,
+) -> Path:
+    """Write every checkpoint file into `directory`, which must not exist yet; on failure it is removed.
+
+    save_checkpoint publishes it with one rename; `apply` first adds its report and checks the reload there.
+    """
+    directory = Path(directory)
+    base = _base_architecture(model)
+    layout = compressed_layout(model)
+    attrs = module_attrs(model)
+    quantization = quantization_config(model)  # bitsandbytes layers, in transformers' format (bnb.py)
+    manifest_text = _manifest_text(model, base, manifest)  # fails early if not JSON-serialisable
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir()
+    try:
+        _save_weights_and_config(model, directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        _patch_config(directory, model, base, layout, attrs, quantization)
+        _check_saved_keys(model, directory)
+        (directory / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+        (directory / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
+        (directory / "README.md").write_text(model_card, encoding="utf-8")
+        make_readable(directory)  # safetensors and mkdtemp-style dirs would otherwise be owner-only
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return directory
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the compressed architecture from config.json and load the weights strictly."""
+    """Rebuild the compressed architecture from config.json and load the weights strictly.
+
+    The model is built empty (parameters on "meta", see lazy_load) and takes the file's tensors
+    themselves, so neither the dense base nor a second copy of the weights is ever allocated.
+    """
     path = Path(path)
     if not path.is_dir():
         raise LlmshrinkError(f"{path}: no such checkpoint directory")
@@ -210,13 +236,30 @@ def _check_destination(model: nn.Module, out_dir: Path, overwrite: bool) -> None
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless overwrite is set (also called before any work is done)."""
+    """Refuse an existing output unless overwrite is set, or one that cannot be written (also called
+    before any work is done)."""
+    import os
+    import tempfile
+
     if out_dir.exists() and not overwrite:
         raise LlmshrinkError(
             f"output.dir: {out_dir} already exists; set output.overwrite: true or choose another dir"
         )
     if out_dir.exists() and not out_dir.is_dir():
         raise LlmshrinkError(f"output.dir: {out_dir} exists and is not a directory")
+    # The checkpoint (and the work dir beside it) is made in the parent: probe the nearest existing
+    # folder by creating a directory there, which also catches read-only file systems (and works as root).
+    parent = Path(os.path.abspath(out_dir)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LlmshrinkError(f"output.dir: cannot create {out_dir}: {parent} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".llmshrink-probe-", dir=parent))
+    except OSError as err:
+        raise LlmshrinkError(
+            f"output.dir: cannot create {out_dir}: {parent} is not writable ({err.strerror or err})"
+        ) from None
 
 
 def _base_architecture(model: nn.Module) -> str:
@@ -300,8 +343,12 @@ def _check_saved_keys(model: nn.Module, tmp: Path) -> None:
     _check_aliases(model, saved, tmp)
 
 
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename tmp to out_dir; an existing out_dir is moved aside first and deleted only at the end."""
+def move_into_place(tmp: Path, out_dir: Path, overwrite: bool, aside: Path | None = None) -> None:
+    """Rename tmp to out_dir; an existing out_dir is moved aside first and deleted only at the end.
+
+    `aside`: where the old out_dir waits (a path that does not exist, on the same filesystem); by default
+    a hidden sibling. If the rename of tmp fails, the old one is put back.
+    """
     if not out_dir.exists():
         tmp.rename(out_dir)  # fails (ENOTEMPTY) rather than replace a directory that appeared meanwhile
         return
@@ -309,7 +356,7 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         raise LlmshrinkError(
             f"output.dir: {out_dir} already exists; set output.overwrite: true or choose another dir"
         )
-    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
+    old = aside or out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
     out_dir.rename(old)
     try:
         tmp.rename(out_dir)
@@ -333,7 +380,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _build(base_cls: type, config: Any) -> nn.Module:
-    """Construct the base model in the saved dtype, skipping random init (every tensor is loaded)."""
+    """Construct the base model empty (see lazy_load) in the saved dtype, skipping random init."""
     dtype = getattr(config, "dtype", None) if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
     dtype = dtype or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -347,7 +394,7 @@ def _build(base_cls: type, config: Any) -> nn.Module:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with no_init_weights():
+        with no_init_weights(), meta_weights():
             return base_cls(config)
     finally:
         torch.set_default_dtype(previous)
@@ -376,21 +423,33 @@ def _read_tensor_meta(path: Path) -> dict[str, tuple[list[int], str]]:
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
-    """Load block by block, so that at most one block's tensors exist twice (file copy and parameter)."""
-    expected = {key: (tuple(t.shape), t.dtype) for key, t in model.state_dict().items()}
+    """Load block by block; each (checked) file tensor becomes the parameter itself (assign): no copy.
+
+    Those tensors map the file and are read from it when first used (see lazy_load). Tensors already real
+    (bnb layers, rebuilt from the file) are copied into, as their classes need.
+    """
+    state = model.state_dict()
+    expected = {key: (tuple(t.shape), t.dtype) for key, t in state.items()}
+    empty = {key for key, t in state.items() if t.is_meta}
+    del state
     _check_keys(model, _read_tensor_meta(path).keys(), path)
     loaded: set[str] = set()
     for file in _weight_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            groups = _block_groups(handle.keys())
-        for keys in groups:
-            # A fresh mapping per block: the pages read stay resident while the file is open.
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                chunk = {key: _checked_tensor(handle, key, expected[key], file) for key in keys}
-            model.load_state_dict(chunk, strict=False)
-            loaded.update(chunk)
-    model.tie_weights()
+        with safe_open(str(file), framework="pt", device="cpu") as lazy:
+            bad = first_nonfinite(file, lazy.keys())
+            if bad is not None:
+                raise LlmshrinkError(f"{file}: {bad}: contains NaN or inf")
+            for keys in _block_groups(lazy.keys()):
+                chunk = {key: _checked_tensor(lazy, key, expected[key], file) for key in keys}
+                assign = {key: t for key, t in chunk.items() if key in empty}
+                if assign:
+                    model.load_state_dict(assign, strict=False, assign=True)
+                if len(assign) < len(chunk):
+                    model.load_state_dict({k: t for k, t in chunk.items() if k not in empty}, strict=False)
+                loaded.update(chunk)
+    model.tie_weights()  # the assigned tensors replaced the (meta) ones the tied modules shared
     _check_aliases(model, loaded, path)
+    check_materialised(model, path)
 
 
 def _block_groups(keys: Iterable[str]) -> list[list[str]]:
@@ -409,8 +468,6 @@ def _checked_tensor(handle: Any, key: str, want: tuple[tuple[int, ...], torch.dt
         raise LlmshrinkError(
             f"{file}: {key}: saved {tuple(tensor.shape)} {tensor.dtype}, the rebuilt model expects {want[0]} {want[1]}"
         )
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise LlmshrinkError(f"{file}: {key}: contains NaN or inf")
     return tensor
 
 

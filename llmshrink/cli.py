@@ -1,47 +1,72 @@
-"""Command line: parse arguments, call the library. Bad input -> one line on stderr, exit 2."""
+"""Command line: parse arguments, call the library.
+
+Bad input -> one line on stderr, exit 2; any other failure -> one line, exit 1 (`--debug`: the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
+from pathlib import Path
 
 from llmshrink.errors import LlmshrinkError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 ok, 1 unexpected failure, 2 bad input, 130 interrupted)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
         return args.run(args)
     except LlmshrinkError as err:
+        if debug:
+            traceback.print_exc()
         print(f"llmshrink: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmshrink: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug or an environment failure: one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        print(f"llmshrink: error: {args.command} failed: {_one_line(err)}"
+              + ("" if debug else " (run with --debug for the traceback)"), file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmshrink", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of any error")
+    # Also accepted after the subcommand; SUPPRESS keeps a subparser from resetting a --debug given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    validate = sub.add_parser("validate", help="check a recipe without running it")
+    validate = sub.add_parser("validate", parents=[common], help="check a recipe without running it")
     validate.add_argument("recipe")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     validate.set_defaults(run=_validate)
 
-    apply = sub.add_parser("apply", help="compress -> distill -> evaluate -> save, as the recipe says")
+    apply = sub.add_parser("apply", parents=[common], help="compress -> distill -> evaluate -> save, as the recipe says")
     apply.add_argument("recipe")
     apply.add_argument("--output", help="checkpoint directory (default: the recipe's output.dir)")
     apply.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a recipe field, e.g. --set stages.1.distill.steps=10")
     apply.set_defaults(run=_apply)
 
-    evaluate = sub.add_parser("eval", help="run lm-eval tasks on a checkpoint, in memory")
+    evaluate = sub.add_parser("eval", parents=[common], help="run lm-eval tasks on a checkpoint, in memory")
     evaluate.add_argument("path", help="checkpoint directory (the output of apply)")
-    evaluate.add_argument("--tasks", required=True, help="comma-separated task names (see evals/README.md)")
-    evaluate.add_argument("--include-path", help="directory of task YAMLs (default: the repository's evals/)")
+    evaluate.add_argument("--tasks", required=True,
+                          help="comma-separated task names (see the package's evals, llmshrink/evals/README.md)")
+    evaluate.add_argument("--include-path", help="directory of task YAMLs (default: the package's evals)")
     evaluate.add_argument("--limit", type=_limit, help="documents per task (below 1: a fraction)")
     evaluate.add_argument("--batch-size", type=int, default=1)
     evaluate.add_argument("--num-fewshot", type=int)
@@ -49,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", help="also write the results and protocol to this JSON file")
     evaluate.set_defaults(run=_eval)
 
-    compare = sub.add_parser("compare", help="compare checkpoints: comparison.md/.json and a Pareto plot")
+    compare = sub.add_parser("compare", parents=[common], help="compare checkpoints: comparison.md/.json and a Pareto plot")
     compare.add_argument("paths", nargs="+", help="checkpoint directories written by apply")
     compare.add_argument("-o", "--output", default=".", help="directory for comparison.md/.json and pareto.png")
     compare.add_argument("--metric", default="perplexity",
@@ -60,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     direction.add_argument("--lower-is-better", dest="higher_better", action="store_const", const=False)
     compare.set_defaults(run=_compare)
 
-    push = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face hub")
+    push = sub.add_parser("push", parents=[common], help="upload a checkpoint directory to the Hugging Face hub")
     push.add_argument("path", help="checkpoint directory (the output of apply)")
     push.add_argument("--repo-id", required=True, metavar="ORG/NAME")
     push.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its "
@@ -72,7 +97,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _limit(text: str) -> int | float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 (below 1: a fraction), got {text!r}") from None
     return int(value) if value.is_integer() and value >= 1 else value
 
 
@@ -88,6 +116,10 @@ def _validate(args) -> int:
 
 def _apply(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # datasets' progress bars go to stderr, where a failure must be the one line.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # imported already (the variable is read at import)
+        sys.modules["datasets"].disable_progress_bars()
     from transformers.utils import logging as hf_logging
 
     from llmshrink.engine import run_recipe
@@ -103,12 +135,25 @@ def _apply(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from llmshrink.checkpoint import load_checkpoint, load_tokenizer
+    from llmshrink.checkpoint import MANIFEST_FILE, load_checkpoint, load_tokenizer
     from llmshrink.eval.lm_eval_bridge import run_lm_eval
     from llmshrink.fileio import atomic_write_text
 
-    model = load_checkpoint(args.path, device=args.device)
-    tokenizer = load_tokenizer(args.path)
+    device = _eval_device(args.device)
+    if args.output and not Path(args.output).resolve().parent.is_dir():  # found out before the evaluation, not after
+        raise LlmshrinkError(f"--output: {Path(args.output).parent} is not a directory; create it first")
+    path = Path(args.path)
+    if not path.is_dir():
+        raise LlmshrinkError(f"eval: {path}: no such checkpoint directory")
+    for name in ("config.json", MANIFEST_FILE):
+        if not (path / name).is_file():
+            raise LlmshrinkError(f"eval: {path} is not an llmshrink checkpoint (no {name}); "
+                                 "give a directory written by llmshrink apply")
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise LlmshrinkError(f"eval: cannot load the tokenizer of {path}: {_one_line(err)}") from err
+    model = load_checkpoint(path, device=device)
     out = run_lm_eval(model, tokenizer, args.tasks, include_path=args.include_path, limit=args.limit,
                       batch_size=args.batch_size, num_fewshot=args.num_fewshot)
     text = json.dumps(out, indent=2)
@@ -116,6 +161,26 @@ def _eval(args) -> int:
         atomic_write_text(args.output, text + "\n")
     print(text)
     return 0
+
+
+def _eval_device(name: str):
+    """--device as a torch device that exists here, or a one-line error (before any loading)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LlmshrinkError(f"--device: {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LlmshrinkError(f"--device: {name!r} requested but no CUDA device is available; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LlmshrinkError(f"--device: {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise LlmshrinkError(f"--device: {name!r} requested but MPS is not available; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise LlmshrinkError(f"--device: {name!r} is not supported here; use cpu, cuda or cuda:N")
+    return device
 
 
 def _compare(args) -> int:

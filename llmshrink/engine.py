@@ -1,4 +1,4 @@
-"""Run a recipe: load -> passes in order -> evaluate base and result -> save -> verify reload."""
+"""Run a recipe: load -> passes in order -> evaluate base and result -> save -> verify reload -> publish."""
 
 from __future__ import annotations
 
@@ -10,33 +10,60 @@ from pathlib import Path
 import torch
 
 from llmshrink import __version__
+from llmshrink.checkpoint import load_checkpoint, move_into_place, write_checkpoint
 from llmshrink.context import Context
+from llmshrink.distill.curves import save_training_curves
 from llmshrink.errors import LlmshrinkError
+from llmshrink.eval.efficiency import dir_size
+from llmshrink.eval.evaluator import Evaluator
+from llmshrink.eval.report import format_table, write_report_md
 from llmshrink.fileio import atomic_write_text, make_readable
+from llmshrink.hub import model_card
 from llmshrink.passes.lora import load_adapter, lora_settings, merge_lora, save_adapter, unload_lora
-from llmshrink.recipe import LatencySpec, LoadedRecipe, Recipe
+from llmshrink.recipe import LoadedRecipe, Recipe
 from llmshrink.registry import get_pass
 
 ADAPTER_DIR = "adapter"  # unmerged LoRA adapters, in peft's format, inside the output folder
+# Inside the work folder (work_dir_for): the stages' resumable state, the output being written, and an
+# existing output moved aside by `overwrite` until the new one is in place.
+STAGE_PREFIX = "stage-"
+STAGING_DIR = "output.partial"
+PREVIOUS_DIR = "output.previous"
 
 
 def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -> dict:
     """Apply `loaded` end to end; returns the manifest written to <output>/llmshrink.json.
 
+    Everything is written under the hidden work folder (work_dir_for) and the output folder appears by
+    one rename once complete and verified; a failed or killed run leaves no output folder (and with
+    overwrite, the old one in place). The work folder goes on success; on failure only the stages'
+    resumable state (stage-*/) stays, for the rerun.
+
     Under `accelerate launch` every process runs the stages (training is data-parallel, the other
     passes are deterministic, so all processes hold the same model); only the main process then
     evaluates and saves, and the others return an empty manifest.
     """
-    from llmshrink.checkpoint import load_checkpoint, save_checkpoint
-    from llmshrink.distill.curves import save_training_curves
-    from llmshrink.eval.efficiency import dir_size
-    from llmshrink.eval.report import format_table, write_report_md
-    from llmshrink.hub import model_card
-    from llmshrink.models import load_base_model
-
     recipe = loaded.recipe
     out_dir = Path(output_dir or recipe.output.dir)
     _check_output_dir(recipe, out_dir, loaded.path)
+    work_root = work_dir_for(out_dir)
+    if _is_main_process():
+        _clear_leftovers(work_root, out_dir)
+    try:
+        manifest = _run(loaded, out_dir, work_root, log)
+    except BaseException:
+        if _is_main_process():
+            _clear_leftovers(work_root, out_dir)
+        raise
+    if manifest:
+        shutil.rmtree(work_root, ignore_errors=True)
+    return manifest
+
+
+def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
+    from llmshrink.models import load_base_model  # (transformers' auto classes: imported when needed)
+
+    recipe = loaded.recipe
     torch.manual_seed(recipe.seed)
     device = _resolve_device(recipe.device)
     steps = 5 + len(loaded.stages)
@@ -58,10 +85,9 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
         ctx.evaluate = evaluator.perplexity  # passes with inner steps (iterate) report after each
 
     stage_rows, records = [], []
-    work_root = work_dir_for(out_dir)  # resumable state; removed once the checkpoint is saved
     for index, stage in enumerate(loaded.stages):
         log(f"[{next(step)}/{steps}] {stage.name}")
-        ctx.work_dir = work_root / f"stage-{index}-{stage.name}"
+        ctx.work_dir = work_root / f"{STAGE_PREFIX}{index}-{stage.name}"  # resumable state, kept on failure
         start = time.perf_counter()
         record = get_pass(stage.name).apply(model, stage.config, ctx)
         seconds = time.perf_counter() - start
@@ -85,12 +111,13 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
         return {}
 
     log(f"[{next(step)}/{steps}] evaluate base model")
-    base = evaluator.measure(teacher, log)
+    base = evaluator.measure(teacher, "base", log)
     base["load_seconds"] = load_seconds
     base.update(evaluator.tasks(teacher, "base", log))
 
     log(f"[{next(step)}/{steps}] evaluate compressed model")
-    compressed = evaluator.measure(model, log, known_ppl=stage_rows[-1].get("perplexity") if stage_rows else None)
+    known = stage_rows[-1].get("perplexity") if stage_rows else None
+    compressed = evaluator.measure(model, "compressed", log, known_ppl=known)
     compressed["compress_seconds"] = sum(row["seconds"] for row in stage_rows)
     compressed.update(evaluator.tasks(model, "compressed", log))
     manifest = {
@@ -110,159 +137,91 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     }
 
     log(f"[{next(step)}/{steps}] save {out_dir}")
-    architecture = type(model).__name__
-    card = model_card(manifest, loaded.text, architecture=architecture)
-    adapted, adapter = None, None
-    if lora:  # unmerged adapters go beside the model in peft's format (PeftModel.from_pretrained loads them)
-        adapted = _logits(model, evaluator.probe_ids())
-        adapter = save_adapter(model, out_dir.parent / f".{out_dir.name}.adapter-tmp")
-        unload_lora(model)
-        manifest["adapter"] = {"dir": ADAPTER_DIR, "merged": False}
-    save_checkpoint(model, tokenizer, out_dir, recipe_text=loaded.text, manifest=manifest, model_card=card,
-                    overwrite=recipe.output.overwrite)
-    if adapter is not None:
-        adapter.rename(out_dir / ADAPTER_DIR)
-        make_readable(out_dir / ADAPTER_DIR)  # safetensors writes 0600
-    shutil.rmtree(work_root, ignore_errors=True)
+    staging = work_root / STAGING_DIR
+    adapted = _write_staging(model, tokenizer, lora, staging, work_root, manifest, loaded, evaluator)
 
     log(f"[{next(step)}/{steps}] verify reload")
-    start = time.perf_counter()
-    reloaded = load_checkpoint(out_dir, device=device)
-    compressed["load_seconds"] = time.perf_counter() - start
-    manifest["checks"] = {"reload_max_abs_logit_diff": _max_logit_diff(model, reloaded, evaluator.probe_ids())}
-    if manifest["checks"]["reload_max_abs_logit_diff"] != 0.0:
-        raise LlmshrinkError(f"{out_dir}: reloaded model differs from the compressed one: {manifest['checks']}")
-    if adapted is not None:  # peft's reload sums the adapter in a different order: equal to float tolerance
-        with_adapter = load_adapter(reloaded, out_dir / ADAPTER_DIR)
-        diff = float((_logits(with_adapter, evaluator.probe_ids()) - adapted).abs().max())
-        manifest["checks"]["adapter_reload_max_abs_logit_diff"] = diff
-        if diff > 1e-4:
-            raise LlmshrinkError(f"{out_dir}: the reloaded adapter changes the logits by {diff:.3g}")
-    compressed["size_bytes"] = dir_size(out_dir, weights_only=True)
+    _verify(model, adapted, staging, manifest, evaluator, device, out_dir)
+    compressed["size_bytes"] = dir_size(staging, weights_only=True)
     if recipe.evaluate.memory:
         log("  peak RAM: loading and generating, each model in a fresh process")
         base.update(evaluator.memory(recipe.model.id, device))
-        compressed.update(evaluator.memory(out_dir, device))
+        compressed.update(evaluator.memory(staging, device))
         manifest["evaluation"]["memory"] = evaluator.protocols["memory"]
+    _finish_staging(staging, manifest, loaded, type(model).__name__, base_loaded.notes, evaluator)
 
-    card = model_card(manifest, loaded.text, architecture=architecture)
-    atomic_write_text(out_dir / "README.md", card)
-    _rewrite_manifest(out_dir, manifest)
-    curves = "training_curves.png" if save_training_curves(records, out_dir / "training_curves.png") else None
-    write_report_md(out_dir / "report.md", recipe.name, base, compressed, stage_rows, evaluator.protocol,
-                    base_loaded.notes, curves_png=curves)
+    move_into_place(staging, out_dir, recipe.output.overwrite, aside=work_root / PREVIOUS_DIR)
     log("")
     log(format_table(base, compressed))
     log(f"\nsaved {out_dir} (report: {out_dir / 'report.md'})")
     return manifest
 
 
-class Evaluator:
-    """The recipe's `evaluate:` section, with its token ids loaded once."""
+def _write_staging(model, tokenizer, lora, staging: Path, work_root: Path, manifest: dict, loaded: LoadedRecipe,
+                   evaluator: Evaluator) -> torch.Tensor | None:
+    """The checkpoint, and unmerged LoRA adapters beside it in peft's format, into `staging`; returns the
+    logits with the adapters (None without), for the reload check."""
+    adapted, adapter = None, None
+    if lora:  # PeftModel.from_pretrained loads them; the base weights are saved without them
+        adapted = _logits(model, evaluator.probe_ids())
+        adapter = save_adapter(model, work_root / f"{ADAPTER_DIR}.partial")
+        unload_lora(model)
+        manifest["adapter"] = {"dir": ADAPTER_DIR, "merged": False}
+    card = model_card(manifest, loaded.text, architecture=type(model).__name__)
+    write_checkpoint(model, tokenizer, staging, recipe_text=loaded.text, manifest=manifest, model_card=card)
+    if adapter is not None:
+        adapter.rename(staging / ADAPTER_DIR)
+        make_readable(staging / ADAPTER_DIR)  # safetensors writes 0600
+    return adapted
 
-    def __init__(self, recipe: Recipe, tokenizer, device: torch.device):
-        from llmshrink.distill.data import token_ids
 
-        self.spec, self.tokenizer, self.device = recipe.evaluate, tokenizer, device
-        self.vocab_size = len(tokenizer)
-        ppl = self.spec.perplexity
-        self.has_perplexity = ppl is not None
-        self.ids = token_ids(ppl.data, tokenizer) if ppl is not None else None
-        self.protocol: dict = {}  # perplexity
-        self.protocols: dict = {}  # the other measurements: macs, memory, lm_eval, generation
+def _verify(model, adapted: torch.Tensor | None, staging: Path, manifest: dict, evaluator: Evaluator,
+            device: torch.device, out_dir: Path) -> None:
+    """Reload what was written and compare logits: exactly equal, and within float tolerance with the adapter."""
+    start = time.perf_counter()
+    reloaded = load_checkpoint(staging, device=device)
+    manifest["metrics"]["compressed"]["load_seconds"] = time.perf_counter() - start
+    manifest["checks"] = {"reload_max_abs_logit_diff": _max_logit_diff(model, reloaded, evaluator.probe_ids())}
+    if manifest["checks"]["reload_max_abs_logit_diff"] != 0.0:
+        raise LlmshrinkError(f"{out_dir}: reloaded model differs from the compressed one: {manifest['checks']}")
+    if adapted is not None:  # peft's reload sums the adapter in a different order: equal to float tolerance
+        with_adapter = load_adapter(reloaded, staging / ADAPTER_DIR)
+        diff = float((_logits(with_adapter, evaluator.probe_ids()) - adapted).abs().max())
+        manifest["checks"]["adapter_reload_max_abs_logit_diff"] = diff
+        if diff > 1e-4:
+            raise LlmshrinkError(f"{out_dir}: the reloaded adapter changes the logits by {diff:.3g}")
 
-    def params(self, model) -> int:
-        from llmshrink.eval.efficiency import count_params
 
-        return count_params(model)
+def _finish_staging(staging: Path, manifest: dict, loaded: LoadedRecipe, architecture: str, notes: list[str],
+                    evaluator: Evaluator) -> None:
+    """Card, manifest, training curves and report, with the numbers measured on the written checkpoint."""
+    metrics, records = manifest["metrics"], manifest["passes"]
+    atomic_write_text(staging / "README.md", model_card(manifest, loaded.text, architecture=architecture))
+    _rewrite_manifest(staging, manifest)
+    curves = "training_curves.png" if save_training_curves(records, staging / "training_curves.png") else None
+    write_report_md(staging / "report.md", loaded.recipe.name, metrics["base"], metrics["compressed"],
+                    manifest["stages"], evaluator.protocol, notes, curves_png=curves)
 
-    def perplexity(self, model) -> float:
-        from llmshrink.eval.efficiency import has_tied_embeddings
-        from llmshrink.eval.perplexity import perplexity
 
-        spec = self.spec.perplexity
-        bos = self.tokenizer.bos_token_id if spec.add_bos else None
-        result = perplexity(model, self.ids, spec.window, spec.stride, spec.batch_size, self.device,
-                            bos_token_id=bos)
-        self.protocol = {
-            "dataset": spec.data.source, "config": spec.data.config, "split": spec.data.split,
-            "max_tokens": spec.data.max_tokens, **result.protocol, "tokens_scored": result.tokens_scored,
-            "tied_embeddings": has_tied_embeddings(model),
-        }
-        return result.ppl
+def _clear_leftovers(work_root: Path, out_dir: Path) -> None:
+    """Remove what a failed or killed run left in the work folder, except the stages' resumable state.
 
-    def measure(self, model, log, known_ppl: float | None = None) -> dict:
-        from llmshrink.eval.efficiency import measure_latency, safetensors_bytes
-
-        metrics = {"params": self.params(model), "size_bytes": safetensors_bytes(model)}
-        if self.has_perplexity:
-            metrics["perplexity"] = known_ppl if known_ppl is not None else self.perplexity(model)
-            log(f"  perplexity: {metrics['perplexity']:.2f}")
-        if self.spec.latency is not None:
-            lat = self.spec.latency
-            timing = measure_latency(model, self.vocab_size, lat.prompt_tokens, lat.new_tokens, lat.batch_size,
-                                     lat.repeats)
-            metrics["decode_tokens_per_s"] = timing["tokens_per_s"]
-            metrics["decode_ms_per_token"] = timing["decode_ms_per_token"]
-            metrics["prefill_ms"] = timing["prefill_ms"]
-        if self.spec.macs:
-            metrics.update(self.macs(model, log))
-        return metrics
-
-    def macs(self, model, log) -> dict:
-        from llmshrink.eval.efficiency import macs_per_decode_token, macs_per_token
-        from llmshrink.eval.perplexity import max_positions
-
-        # Attention MACs grow with the context: count at the latency prompt length, and say so.
-        length = self.spec.latency.prompt_tokens if self.spec.latency is not None else 128
-        limit = max_positions(model)
-        length = min(length, limit - 1) if limit else length
-        prefill = macs_per_token(model, seq_len=length)
-        decode = macs_per_decode_token(model, context=length)
-        self.protocols["macs"] = {"seq_len": length, "decode_context": length, "counter": "FlopCounterMode / 2"}
-        missing = prefill["uncounted_modules"] + prefill["uncounted_ops"]
-        if missing:
-            log(f"  MACs: not counted (no formula): {', '.join(map(str, missing))}")
-        return {"macs_per_token": prefill["total"], "decode_macs_per_token": decode["total"]}
-
-    def tasks(self, model, which: str, log) -> dict:
-        """lm-eval and generation metrics, as {"lm_eval": {task: {metric}}, "generation": {metric}}."""
-        out: dict = {}
-        if self.spec.lm_eval is not None:
-            from llmshrink.eval.lm_eval_bridge import run_lm_eval
-
-            result = run_lm_eval(model, self.tokenizer, **self.spec.lm_eval.model_dump(), log=log)
-            out["lm_eval"] = result["results"]
-            self.protocols["lm_eval"] = result["protocol"]
-        if self.spec.generation is not None:
-            from llmshrink.eval.generation import evaluate_generation
-            from llmshrink.eval.report import GENERATION_METRICS
-
-            result = evaluate_generation(model, self.tokenizer, self.spec.generation, self.device)
-            scores = {k: v for k, v in result.items() if k in GENERATION_METRICS}
-            log("  generation: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-            out["generation"] = scores
-            protocol = self.protocols.setdefault("generation", {
-                **self.spec.generation.model_dump(), "data_file": result["data"], "samples": result["samples"],
-            })
-            protocol[f"{which}_examples"] = result["examples"]
-            protocol[f"{which}_prompts_truncated"] = result["prompts_truncated"]
-        return out
-
-    def memory(self, model_or_dir, device: torch.device) -> dict:
-        from llmshrink.eval.efficiency import measure_memory
-
-        lat = self.spec.latency or LatencySpec()
-        measured = measure_memory(model_or_dir, lat.prompt_tokens, lat.new_tokens, lat.batch_size, str(device))
-        self.protocols["memory"] = {"prompt_tokens": lat.prompt_tokens, "new_tokens": lat.new_tokens,
-                                    "batch_size": lat.batch_size, "device": str(device),
-                                    "how": "peak RSS of a fresh process that loads, then generates greedily"}
-        return {"peak_ram_load_mb": measured["peak_rss_load_mb"],
-                "peak_ram_generate_mb": measured["peak_rss_generate_mb"]}
-
-    def probe_ids(self) -> torch.Tensor:
-        ids = self.ids[:64] if self.ids is not None else torch.arange(16) % self.vocab_size
-        return ids.unsqueeze(0).to(self.device)
+    An output moved aside by a swap that was killed halfway is put back first.
+    """
+    if not work_root.is_dir():
+        return
+    previous = work_root / PREVIOUS_DIR
+    if previous.is_dir() and not out_dir.exists():
+        previous.rename(out_dir)
+    for entry in work_root.iterdir():
+        if entry.name.startswith(STAGE_PREFIX):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if not any(work_root.iterdir()):
+        work_root.rmdir()
 
 
 def _check_output_dir(recipe: Recipe, out_dir: Path, recipe_path: Path) -> None:
@@ -278,7 +237,8 @@ def _check_output_dir(recipe: Recipe, out_dir: Path, recipe_path: Path) -> None:
 
 
 def work_dir_for(out_dir: Path) -> Path:
-    """Where stages keep resumable state for `out_dir`: a hidden sibling, so the output stays clean."""
+    """Where a run writes before it publishes `out_dir` (and stages keep resumable state): a hidden sibling on
+    the same filesystem, so that the output appears by one rename."""
     return out_dir.parent / f".{out_dir.name}.work"
 
 
@@ -296,7 +256,6 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids).logits

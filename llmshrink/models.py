@@ -162,26 +162,59 @@ def _load_local(path: Path, spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
             f"model.id: {path} has no config.json{found}: not a Hugging Face model directory"
         )
     kwargs = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
-    model, tokenizer = _load_pretrained(str(path), str(path), spec, dtype, kwargs)
+    model, tokenizer = _load_pretrained(str(path), str(path), spec, dtype, kwargs, local=True)
     return LoadedModel(model, tokenizer, str(path), spec.revision, "local")
 
 
-def _load_pretrained(src: str, shown: str, spec: ModelSpec, dtype: torch.dtype, kwargs: dict) -> tuple:
+# What transformers raises for unreadable or inconsistent files (plus safetensors' own error, below).
+_BAD_FILES = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError)
+
+
+def _load_pretrained(src: str, shown: str, spec: ModelSpec, dtype: torch.dtype, kwargs: dict,
+                     local: bool = False) -> tuple:
+    """Config, tokenizer and weights; for a local directory any unreadable file is a one-line error
+    (for a hub id the caller tells offline, gated and missing apart from the raw exception)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    config = AutoConfig.from_pretrained(src, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(src, **kwargs)
+    except _BAD_FILES as err:
+        if not local:
+            raise
+        raise LlmshrinkError(f"model.id: {shown}/config.json: cannot read the model config: "
+                             f"{_first_line(err)}") from err
     _check_causal(config, shown, spec.trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-    except (OSError, ValueError, TypeError) as err:
-        if kwargs.get("local_files_only") and not _hub_offline():
+    except _BAD_FILES as err:
+        if local:
             raise LlmshrinkError(
                 f"model.id: cannot load a tokenizer from {shown}: {_first_line(err)}"
             ) from err
         raise
-    model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=dtype, **kwargs)
+    if local:
+        _check_weight_files(Path(src))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=dtype, **kwargs)
+    except (*_BAD_FILES, SafetensorError) as err:
+        if not local:
+            raise
+        why = _first_line(err)
+        if "ignore_mismatched_sizes" in why:  # transformers' pointer to a report it logged, not the cause
+            why = "their shapes do not match config.json"
+        raise LlmshrinkError(f"model.id: cannot load the weights in {shown}: {why}") from err
     return model, tokenizer
+
+
+def _check_weight_files(path: Path) -> None:
+    names = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+    if not any(any(path.glob(pattern)) for pattern in names):
+        raise LlmshrinkError(
+            f"model.id: {path} has no weights (model.safetensors or pytorch_model.bin): "
+            "not a complete Hugging Face model directory"
+        )
 
 
 def _check_causal(config: object, shown: str, trust_remote_code: bool) -> None:

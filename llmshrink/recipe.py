@@ -10,10 +10,13 @@
     output: {dir: out/smollm2-kron}
 
 Each stage is a one-key mapping `{pass name: pass config}`; the pass's own config model validates it.
+Everything that can be checked without the model is checked here (types strictly, regexes, templates, local
+files), and nothing here imports torch: `llmshrink validate` is fast and prints only its result.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,9 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from llmshrink.errors import RecipeError
-from llmshrink.eval.generation import GenerationSpec
-from llmshrink.eval.lm_eval_bridge import LmEvalSpec
+from llmshrink.errors import RecipeError, did_you_mean
+from llmshrink.eval.specs import GenerationSpec, LmEvalSpec
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import get_pass
 from llmshrink.specs import DataSpec, ModelSpec, Spec
@@ -48,7 +50,7 @@ class EvaluateSpec(Spec):
     perplexity: PerplexitySpec | None = PerplexitySpec()
     latency: LatencySpec | None = LatencySpec()
     generation: GenerationSpec | None = Field(None, description="greedy generation scored with ROUGE/BLEU/METEOR")
-    lm_eval: LmEvalSpec | None = Field(None, description="lm-eval tasks (registry names or evals/ YAMLs)")
+    lm_eval: LmEvalSpec | None = Field(None, description="lm-eval tasks (registry names or llmshrink/evals/ YAMLs)")
     macs: bool = Field(True, description="MACs per token (prefill and decode), counted from the modules")
     memory: bool = Field(True, description="peak RAM while loading and generating, each in a fresh process")
     after_each_stage: bool = Field(True, description="perplexity after every stage, not only at the end")
@@ -69,6 +71,15 @@ class Recipe(Spec):
     stages: list[Any] = Field(default_factory=list)
     evaluate: EvaluateSpec = EvaluateSpec()
     output: OutputSpec
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; read it as the float everyone means,
+    since strict validation would refuse the string."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     if not path.is_file():
         raise RecipeError(file, "", "no such recipe file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "YAML"
@@ -106,8 +117,65 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     except ValidationError as err:
         raise RecipeError(file, *_describe(err, Recipe, prefix="")) from None
     stages = [parse_stage(item, file, f"stages[{i}]") for i, item in enumerate(recipe.stages)]
+    check_local_files(recipe, file)
     text = yaml.safe_dump(raw, sort_keys=False) if overrides else path.read_text()
     return LoadedRecipe(recipe, stages, path, text)
+
+
+# The file types distill.data reads from a local path; another source that is no existing path is a hub id.
+LOCAL_DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def check_local_files(recipe: Recipe, file: str) -> None:
+    """The files and built-in names the recipe reads exist now, rather than after the model has loaded
+    and a stage has run. Relative paths resolve against the current directory, as `apply` reads them."""
+    sources = [("data", recipe.data)]
+    if recipe.evaluate.perplexity is not None:
+        sources.append(("evaluate.perplexity.data", recipe.evaluate.perplexity.data))
+    for field, spec in sources:
+        if spec is not None:
+            _check_data_source(spec, file, field)
+    generation = recipe.evaluate.generation
+    if generation is not None and not generation.data.startswith("builtin:") and not Path(generation.data).is_file():
+        where = _relative(generation.data)
+        raise RecipeError(file, "evaluate.generation.data", f"file not found: {generation.data}{where}")
+    lm_eval = recipe.evaluate.lm_eval
+    if lm_eval is not None and lm_eval.include_path is not None and not Path(lm_eval.include_path).is_dir():
+        where = _relative(lm_eval.include_path)
+        raise RecipeError(file, "evaluate.lm_eval.include_path", f"no such directory: {lm_eval.include_path}{where}")
+
+
+def _check_data_source(spec: DataSpec, file: str, field: str) -> None:
+    from llmshrink.corpus import BUILTIN_CORPORA, SPLIT_ALIASES
+
+    path = Path(spec.source).expanduser()
+    suffix = path.suffix.lower()
+    if spec.template is not None and (spec.source.startswith("builtin:") or suffix == ".txt"):
+        # Plain text has no record fields; the template would be ignored without a word.
+        raise RecipeError(file, f"{field}.template", f"{spec.source} is plain text without fields; a template "
+                          "needs records (.jsonl, .json, .parquet or a datasets hub id)")
+    if spec.source.startswith("builtin:"):
+        name = spec.source.removeprefix("builtin:")
+        if name not in BUILTIN_CORPORA:
+            known = ", ".join(f"builtin:{k}" for k in BUILTIN_CORPORA)
+            hint = did_you_mean(name, BUILTIN_CORPORA, prefix="builtin:")
+            raise RecipeError(file, f"{field}.source",
+                              f"unknown built-in corpus {spec.source!r}{hint}; known: {known}")
+        splits = [*BUILTIN_CORPORA[name], *SPLIT_ALIASES]
+        if spec.split not in splits:
+            raise RecipeError(file, f"{field}.split", f"{spec.source} has no split {spec.split!r}; allowed: "
+                              f"{', '.join(splits)}")
+        return
+    if suffix in LOCAL_DATA_SUFFIXES and not path.is_file():
+        raise RecipeError(file, f"{field}.source", f"file not found: {spec.source}{_relative(spec.source)}")
+    if suffix not in LOCAL_DATA_SUFFIXES and path.exists():
+        raise RecipeError(file, f"{field}.source", f"{spec.source}: unsupported file type {suffix or '(none)'!r}; "
+                          f"use {', '.join(LOCAL_DATA_SUFFIXES)}, builtin:NAME or a datasets hub id")
+
+
+def _relative(path: str) -> str:
+    """Where a relative path was looked for (apply reads it from the current directory too)."""
+    return "" if Path(path).expanduser().is_absolute() else f" (relative to the current directory {Path.cwd()})"
 
 
 def parse_stage(item: Any, file: str, field: str) -> Stage:
@@ -150,11 +218,19 @@ def apply_override(raw: dict, item: str, file: str) -> None:
         elif not isinstance(node, dict):
             raise RecipeError(file, f"--set {where}", f"cannot set a key inside {node!r}")
         if last:
-            node[part] = yaml.safe_load(value)
+            node[part] = _override_value(item, value, file)
         else:
             if isinstance(node, dict) and node.get(part) is None:
                 node[part] = {}
             node = node[part]
+
+
+def _override_value(item: str, value: str, file: str) -> Any:
+    try:
+        return yaml.load(value, Loader=_Loader)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(file, f"--set {item}", f"the value is not valid YAML: {problem}") from None
 
 
 def _describe(err: ValidationError, model: type[BaseModel], prefix: str) -> tuple[str, str]:

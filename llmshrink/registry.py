@@ -1,13 +1,19 @@
-"""Pass name -> (config class, apply function). Unknown names get close-match suggestions."""
+"""Pass name -> (config class, implementation module). Unknown names get close-match suggestions.
+
+A pass is registered by its config class (torch-free, llmshrink/passes/configs/NAME.py); its implementation
+module, which imports torch and maybe peft or bitsandbytes, is imported only when the pass runs. So
+validating a recipe stays fast and quiet.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # importing llmshrink.passes imports every pass, and each imports this module
+if TYPE_CHECKING:  # the configs import this module to register themselves
     from llmshrink.passes.base import PassConfig
 
 
@@ -15,16 +21,29 @@ if TYPE_CHECKING:  # importing llmshrink.passes imports every pass, and each imp
 class PassSpec:
     name: str
     config_cls: type[PassConfig]
-    apply: Callable  # apply(model, cfg, ctx) -> PassRecord
+    module: str  # the implementation: a module with apply(model, cfg, ctx) -> PassRecord
+
+    @property
+    def apply(self) -> Callable:
+        # Looked up on every access, so a test's monkeypatch of module.apply is seen.
+        return importlib.import_module(self.module).apply
 
 
 _PASSES: dict[str, PassSpec] = {}
 
 
-def register_pass(name: str, config_cls: type[PassConfig], apply: Callable) -> None:
-    if name in _PASSES and _PASSES[name].apply is not apply:
-        raise ValueError(f"pass {name!r} is registered twice")
-    _PASSES[name] = PassSpec(name, config_cls, apply)
+def register_pass(name: str, module: str | None = None) -> Callable[[type[PassConfig]], type[PassConfig]]:
+    """Class decorator: `name` runs `module`.apply (default llmshrink.passes.NAME) with this config class."""
+
+    def register(config_cls: type[PassConfig]) -> type[PassConfig]:
+        spec = PassSpec(name, config_cls, module or f"llmshrink.passes.{name}")
+        old = _PASSES.get(name)
+        if old is not None and (old.module, old.config_cls.__qualname__) != (spec.module, config_cls.__qualname__):
+            raise ValueError(f"pass {name!r} is registered twice")
+        _PASSES[name] = spec
+        return config_cls
+
+    return register
 
 
 def pass_names() -> list[str]:
@@ -43,5 +62,4 @@ def get_pass(name: str) -> PassSpec:
 
 
 def _load_builtin_passes() -> None:
-    # Importing the package registers every built-in pass (each file calls register_pass).
-    import llmshrink.passes  # noqa: F401
+    import llmshrink.passes.configs  # noqa: F401  (each config file registers its pass)

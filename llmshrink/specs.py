@@ -1,6 +1,8 @@
 """Typed recipe sections that several modules read: where a model and a text come from.
 
-These are pydantic models with extra="forbid" (a misspelt key is an error, never ignored).
+These are pydantic models with extra="forbid" (a misspelt key is an error, never ignored) and strict types
+(`add_bos: 1` or `max_tokens: "512"` is an error, not silently converted; an int is still a valid float).
+Torch-free: validating a recipe imports them.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmshrink.fields import Template
+
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSpec(Spec):
@@ -36,7 +40,7 @@ class DataSpec(Spec):
     config: str | None = Field(None, description="datasets config name, e.g. wikitext-103-raw-v1")
     split: str = "train"
     text_field: str = "text"
-    template: str | None = Field(
+    template: Template | None = Field(
         None, description="make each record's document from its fields, e.g. "
         "'Summarize the dialogue.\\n{dialogue}\\nSummary: {summary}' (instead of text_field; not for .txt)",
     )

@@ -96,4 +96,6 @@ def test_precision_benchmark_prints_ratios_against_fp32():
     assert rows["fp32"] == [1.0, 1.0, 1.0]
     size, speed, ppl = rows["int8-dynamic"]
     assert 0.3 < size < 0.5  # int8 blocks, the fp32 embedding (tied head) left as it was
-    assert speed > 0 and 0.95 < ppl < 10  # int8 activations cost perplexity here (README: 2.6x on 4096 tokens)
+    # int8-dynamic measured 1.013x fp32 on these 256 tokens (1.031x on 4096, README): 1.10 leaves ~9% for CPU
+    # kernel differences, and fails where int8 regresses (per-tensor activation scales gave 2.6x).
+    assert speed > 0 and 0.98 < ppl <= 1.10

@@ -38,7 +38,29 @@ def recipe(tmp_path, tiny_model_dir, tiny_text):
     return path
 
 
-def test_apply_writes_a_checkpoint_that_reloads_exactly(recipe, tmp_path, capsys):
+def test_apply_writes_a_checkpoint_that_reloads_exactly(recipe, tmp_path, capsys, monkeypatch):
+    import llmshrink.engine as engine
+
+    ids = torch.arange(10).unsqueeze(0)
+    after = {}  # logits of the model in memory after the last stage: what apply saves (no LoRA to merge)
+    real_get_pass = engine.get_pass
+
+    class Recording:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def __getattr__(self, name):
+            return getattr(self.spec, name)
+
+        def apply(self, model, config, ctx):
+            record = self.spec.apply(model, config, ctx)
+            was_training = model.training
+            with torch.no_grad():
+                after["logits"] = model.eval()(ids).logits.clone()
+            model.train(was_training)
+            return record
+
+    monkeypatch.setattr(engine, "get_pass", lambda name: Recording(real_get_pass(name)))
     assert main(["apply", str(recipe)]) == 0
     printed = capsys.readouterr().out
     out = tmp_path / "out"
@@ -66,10 +88,9 @@ def test_apply_writes_a_checkpoint_that_reloads_exactly(recipe, tmp_path, capsys
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
     assert "perplexity" in printed and "[1/7] load" in printed
 
-    model = llmshrink.load(out)
-    ids = torch.arange(10).unsqueeze(0)
-    again = llmshrink.load(out)
-    assert torch.equal(model(ids).logits, again(ids).logits)
+    with torch.no_grad():
+        reloaded = llmshrink.load(out)(ids).logits
+    assert torch.equal(reloaded, after["logits"])
 
 
 def test_existing_output_is_refused_before_any_work(recipe, tmp_path, capsys):
@@ -101,9 +122,37 @@ def test_validate_and_exit_codes_through_the_console_entry(tmp_path, recipe):
                          text=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        f"llmshrink: error: {recipe}: stages[1].distill.steps: input should be a valid integer, "
-        "unable to parse string as an integer, got 'four'"
+        f"llmshrink: error: {recipe}: stages[1].distill.steps: input should be a valid integer, got 'four'"
     ]
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr("llmshrink.recipe.load_recipe", broken)
+    assert main(["validate", "r.yaml"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "llmshrink: error: validate failed: RuntimeError: boom (run with --debug for the traceback)"
+    ]
+    for argv in (["--debug", "validate", "r.yaml"], ["validate", "r.yaml", "--debug"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last)") and "RuntimeError: boom\nsecond line" in err
+        assert err.strip().splitlines()[-1] == "llmshrink: error: validate failed: RuntimeError: boom"
+
+
+def test_bad_input_stays_exit_2_and_debug_adds_its_traceback(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    assert main(["validate", str(missing)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"llmshrink: error: {missing}: no such recipe file"]
+    assert main(["--debug", "validate", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.strip().splitlines()[-1] == \
+        f"llmshrink: error: {missing}: no such recipe file"
+    with pytest.raises(SystemExit) as usage:  # argparse: usage line + error, exit 2
+        main(["validate"])
+    assert usage.value.code == 2
 
 
 def test_interrupted_apply_resumes_to_the_same_weights(tmp_path, tiny_model_dir, tiny_text, monkeypatch,

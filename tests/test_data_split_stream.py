@@ -240,4 +240,4 @@ def test_template_builds_each_document_from_the_record_fields(tmp_path):
         spec = DataSpec(source=str(path), template="{dialogue} -> {title}", streaming=streaming)
         with pytest.raises(LlmshrinkError) as err:
             list(stream_texts(spec)) if streaming else load_texts(spec)
-        assert str(err.value) == f"data.template: {path} has no field 'title'; fields: dialogue, summary"
+        assert str(err.value) == f"data.template: record 0 of {path} has no field 'title'; fields: dialogue, summary"

@@ -3,7 +3,11 @@ and the report rows they print as."""
 
 from __future__ import annotations
 
+import tempfile
+import time
+
 import pytest
+import safetensors.torch
 import torch
 from conftest import save_tiny, tiny_gpt2, tiny_llama
 from torch import nn
@@ -17,6 +21,7 @@ from llmshrink.eval.efficiency import (
     measure_latency,
     measure_memory,
     peak_rss_mb,
+    safetensors_bytes,
 )
 from llmshrink.eval.report import comparison_rows
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear
@@ -73,10 +78,13 @@ def test_int8_and_4bit_kernels_are_counted():
     """FlopCounterMode has no formula for quantized::linear_dynamic nor bitsandbytes' gemm_4bit: added here."""
     out = count_macs(Int8DynamicLinear.from_linear(nn.Linear(IN, OUT)), torch.randn(2, 3, IN))
     assert out["total"] == 6 * IN * OUT and out["complete"]
-    bnb = pytest.importorskip("bitsandbytes")
-    layer = bnb.nn.Linear4bit(IN, OUT, compute_dtype=torch.float32, quant_type="nf4")
-    layer.load_state_dict(nn.Linear(IN, OUT).state_dict())
-    layer = layer.to("cpu")  # quantizes the weight
+    pytest.importorskip("bitsandbytes")
+    from llmshrink.bnb import BnbSpec, quantize_layer
+
+    # As the quantize pass makes it: a raw Linear4bit in eval mode takes bitsandbytes' AVX512-BF16 repack
+    # path on such CPUs, which needs out_features % 32 == 0 (OUT is 24).
+    linear = nn.Linear(IN, OUT)
+    layer = quantize_layer(linear.weight, linear.bias, BnbSpec("bnb-nf4"))
     for rows in (1, T):
         out = count_macs(layer, torch.randn(1, rows, IN))
         assert out["total"] == rows * IN * OUT and out["complete"], out
@@ -193,11 +201,47 @@ def test_measure_memory_failure_raises_with_the_child_error(tmp_path):
 
 def test_measure_latency_counts_every_sequence_of_the_batch():
     model = tiny_gpt2()
-    new = 4
-    out = measure_latency(model, 128, prompt_tokens=8, new_tokens=new, batch_size=3, repeats=1, warmup=0)
-    generate_s = (out["prefill_ms"] + out["decode_ms_per_token"] * new) / 1000
-    assert out["tokens_per_s"] * generate_s == pytest.approx(3 * new)
+    out = measure_latency(model, 128, prompt_tokens=8, new_tokens=4, batch_size=3, repeats=1, warmup=0)
+    assert out["tokens_per_s"] == pytest.approx(3 * 1000 / out["decode_ms_per_token"])
     assert out["batch_size"] == 3 and out["decode_ms_per_token"] > 0
+
+
+def test_decode_speed_excludes_the_prefill():
+    model = tiny_llama()
+    # A prefill (more than one new position) costs 0.3 s more; a decode step (one position) nothing more.
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: time.sleep(0.3) if args[0].shape[1] > 1 else None)
+    out = measure_latency(model, 128, prompt_tokens=8, new_tokens=4, repeats=1, warmup=0)
+    assert out["prefill_ms"] >= 300
+    assert out["decode_ms_per_token"] < 75, out  # 0.3 s / 4 tokens = 75 ms each had the prefill been counted
+    assert out["tokens_per_s"] == pytest.approx(1000 / out["decode_ms_per_token"])
+    assert out["tokens_per_s"] > 2 * 4 / 0.3  # generate's 4 tokens / (0.3 s + decode) would be under 4 / 0.3
+
+
+def _mixed_model() -> nn.Module:
+    """Tied embeddings, fp32 / fp16 / bf16 parameters and int8 buffers (Int8DynamicLinear) in one model."""
+    model = tiny_llama()
+    layers = model.model.layers
+    layers[0].mlp.gate_proj = Int8DynamicLinear.from_linear(layers[0].mlp.gate_proj)
+    layers[0].self_attn.half()
+    layers[1].mlp.bfloat16()
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, _mixed_model, lambda: tiny_llama().to(torch.float16)])
+def test_safetensors_bytes_is_exact_and_writes_nothing(make, tmp_path, monkeypatch):
+    model = make()
+    written = save_tiny(model, tmp_path / "ck") / "model.safetensors"  # what a checkpoint really holds
+    scratch = tmp_path / "systmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def no_writes(*args, **kwargs):
+        raise AssertionError("safetensors_bytes wrote a file")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_writes)
+    assert safetensors_bytes(model) == written.stat().st_size
+    assert list(scratch.iterdir()) == []
 
 
 def test_report_rows_for_the_new_metrics():

@@ -292,9 +292,9 @@ def test_spec_errors(tmp_path, monkeypatch):
     with pytest.raises(LlmshrinkError) as err:
         GenerationSpec().resolve()
     assert str(err.value) == (
-        f"evaluate.generation.data: builtin:dialogue_summaries is read from the source tree's evals/data, but "
-        f"{tmp_path / 'gone' / 'dialogue_summaries_test.jsonl'} does not exist (llmshrink installed without its "
-        f"repository?); install from a checkout with `pip install -e .` or give a .jsonl path"
+        f"evaluate.generation.data: builtin:dialogue_summaries is read from the package's llmshrink/evals/data, "
+        f"but {tmp_path / 'gone' / 'dialogue_summaries_test.jsonl'} does not exist (llmshrink installed without "
+        f"its package data?); reinstall llmshrink or give a .jsonl path"
     )
     with pytest.raises(ValidationError, match="no {input} placeholder"):
         GenerationSpec(prompt="Summarize:")

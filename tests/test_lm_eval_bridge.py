@@ -41,7 +41,7 @@ def test_in_memory_numbers_equal_the_plain_lm_eval_cli(checkpoint, tmp_path):
     cli = subprocess.Popen(  # runs while the in-memory evaluation below does; from elsewhere than the repo root
         [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
          f"pretrained={checkpoint},trust_remote_code=True,dtype=float32", "--tasks", ",".join(tasks),
-         "--include_path", str(ROOT / "evals"), "--device", "cpu", "--batch_size", "1", "--limit", str(limit),
+         "--include_path", str(ROOT / "llmshrink" / "evals"), "--device", "cpu", "--batch_size", "1", "--limit", str(limit),
          "--output_path", str(tmp_path / "out")],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -123,7 +123,7 @@ def test_generation_is_scored_by_exact_match_after_strip_and_case(tmp_path):
     task_dir = tmp_path / "tasks"
     task_dir.mkdir()
     (task_dir / "qa.jsonl").write_text("".join(json.dumps({"q": f"q{i}", "a": a}) + "\n" for i, a in enumerate(answers)))
-    shipped = (ROOT / "evals" / f"{GEN}.yaml").read_text()
+    shipped = (ROOT / "llmshrink" / "evals" / f"{GEN}.yaml").read_text()
     metrics = shipped[shipped.index("metric_list:"):shipped.index("metadata:")]
     (task_dir / "qa.yaml").write_text(
         f"task: qa\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {task_dir / 'qa.jsonl'}}}}}\n"
@@ -135,9 +135,9 @@ def test_generation_is_scored_by_exact_match_after_strip_and_case(tmp_path):
 
 
 def test_shipped_tasks_and_data():
-    assert evals_dir() == ROOT / "evals"
+    assert evals_dir() == ROOT / "llmshrink" / "evals"
     assert {PPL, MC, GEN, "llmshrink_offline"} <= set(local_tasks())
-    data = ROOT / "evals" / "data"
+    data = ROOT / "llmshrink" / "evals" / "data"
     mc = read_jsonl(data / "commonsense_cloze.jsonl")
     assert len(mc) == 50 and len({row["question"] for row in mc}) == 50
     assert all(len(set(row["choices"])) == 4 and row["label"] in range(4) for row in mc)

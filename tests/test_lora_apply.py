@@ -94,11 +94,19 @@ def test_qlora_trains_adapters_on_a_4bit_base_that_plain_peft_loads(tmp_path, ti
     # The QLoRA way, without llmshrink's loader: transformers loads the 4-bit checkpoint, peft the adapter.
     plain = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
     assert type(plain.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    portable = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    for module in portable.modules():  # the kernel path llmshrink keeps (llmshrink/bnb.py _settle)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         before = plain(IDS).logits
         adapted = PeftModel.from_pretrained(plain, out / "adapter")(IDS).logits
-        ours = load_checkpoint(out)
-        assert torch.equal(ours(IDS).logits, before)
+        ours = load_checkpoint(out)(IDS).logits
+        assert torch.equal(ours, portable(IDS).logits)
+    if getattr(plain.model.layers[0].mlp.up_proj.weight.quant_state, "packing_format_for_cpu", False):
+        assert float((before - ours).norm() / ours.norm()) < 1e-2  # bnb's bf16 kernel: the README's bound
+    else:
+        assert torch.equal(before, ours)
     assert (adapted - before).abs().max() > 1e-4  # the trained adapter changes the output
 
 

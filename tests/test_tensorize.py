@@ -328,9 +328,9 @@ def test_unfactorable_dimension_is_one_line_with_the_fix():
         ({"method": "tt", "rank": [2, 40, 8]},
          "tensorize: transformer.h.0.mlp.c_fc (256x64): tt rank [2, 40, 8] is too large for tensor "
          "[16, 16, 8, 8]: bond 1 allows at most 2 x 16 = 32 after bond 0"),
-        ({"method": "tt", "rank": [4, 4]},
-         "tensorize: transformer.h.0.mlp.c_fc (256x64): rank [4, 4] has 2 entries; tt on the 4-mode tensor "
-         "[16, 16, 8, 8] needs 3 (one per bond between neighbouring modes)"),
+        ({"method": "tt", "rank": [4, 4], "shape": {256: [16, 4, 4]}},  # modes per layer: known only here
+         "tensorize: transformer.h.0.mlp.c_fc (256x64): rank [4, 4] has 2 entries; tt on the 5-mode tensor "
+         "[16, 4, 4, 8, 8] needs 4 (one per bond between neighbouring modes)"),
         ({"method": "tucker", "ratio": 0.001},
          "tensorize: transformer.h.0.mlp.c_fc (256x64): ratio 0.001 allows 16 parameters; tucker on tensor "
          "[16, 16, 8, 8] needs 49 at rank 1"),
@@ -358,3 +358,9 @@ def test_config_and_targets_errors():
         TensorizeConfig(shape={128: [8, 8]})
     with pytest.raises(ValidationError, match="method"):
         TensorizeConfig(method="svd")
+    # The mode count follows from the config alone, so a wrong number of ranks fails when the recipe is read.
+    with pytest.raises(ValidationError, match=r"rank \[4, 4\] has 2 entries; tt on a 4-mode tensor needs 3 \(one "
+                                              r"per bond between neighbouring modes\)"):
+        TensorizeConfig(method="tt", rank=[4, 4])
+    with pytest.raises(ValidationError, match=r"rank \[2, 2\] has 2 entries; tucker on a 3-mode tensor needs 3"):
+        TensorizeConfig(method="tucker", rank=[2, 2], shape=[[16, 16], [64]])

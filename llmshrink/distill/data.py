@@ -18,8 +18,10 @@ Which documents each part gets, deterministic in `seed`:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
+import string
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from llmshrink.errors import LlmshrinkError
+from llmshrink.errors import LlmshrinkError, did_you_mean
 from llmshrink.specs import DataSpec
 
 Part = Literal["train", "heldout"]
@@ -59,7 +61,7 @@ def stream_texts(spec: DataSpec) -> Iterator[str]:
     if source.startswith("builtin:"):
         docs: Iterable[str] = _builtin_paragraphs(spec)  # small and shipped in the package
     elif (path := _local_path(spec)) is None:
-        docs = _rows(_load_hub(spec, streaming=True), spec, spec.text_field, source, lambda err: _hub_error(spec))
+        docs = _rows(_load_hub(spec, streaming=True), spec, spec.text_field, source, lambda err: _hub_error(spec, err))
     else:
         suffix = path.suffix.lower()
         # The text builder yields one row per line; "replace" reads bad bytes as load_texts does.
@@ -215,7 +217,7 @@ def _load_hub(spec: DataSpec, streaming: bool = False):
     try:
         return datasets.load_dataset(spec.source, spec.config, split=spec.split, streaming=streaming)
     except Exception as err:  # no network, unknown id, unknown config or split
-        raise _hub_error(spec) from err
+        raise _hub_error(spec, err) from err
 
 
 def _read_error(path: Path, err: Exception) -> LlmshrinkError:
@@ -223,11 +225,66 @@ def _read_error(path: Path, err: Exception) -> LlmshrinkError:
     return LlmshrinkError(f"data.source: cannot read {path}: {first}")
 
 
-def _hub_error(spec: DataSpec) -> LlmshrinkError:
-    return LlmshrinkError(
-        f"data.source: cannot load dataset {spec.source!r} (offline?): "
-        "use a local .txt/.jsonl file or builtin:shakespeare"
-    )
+def _hub_error(spec: DataSpec, err: BaseException) -> LlmshrinkError:
+    """Tell apart, from what datasets raised: no network, no such dataset, a wrong config or split."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    name, chain = spec.source, list(_chain(err))
+    missing = next((e for e in chain if isinstance(e, DatasetNotFoundError)), None)
+    if missing is not None:
+        first = str(missing).strip().splitlines()[0]
+        return LlmshrinkError(f"data.source: {first} (a typo? a private or gated dataset needs `hf auth login`)")
+    if any(isinstance(e, (ConnectionError, TimeoutError)) or {c.__name__ for c in type(e).__mro__} & _NETWORK_ERRORS
+           for e in chain):
+        return LlmshrinkError(
+            f"data.source: cannot load dataset {name!r} (offline?): use a local .txt/.jsonl file or builtin:shakespeare"
+        )
+    text = str(next((e for e in chain if isinstance(e, ValueError)), ""))
+    if text.startswith("Config name is missing"):
+        return LlmshrinkError(f"data.config: not given, and dataset {name!r} has several; pick one of: {_listed(text)}")
+    if text.startswith("BuilderConfig"):
+        known = _listed(text, "Available: ")
+        hint = did_you_mean(str(spec.config), known.split(", "))
+        return LlmshrinkError(f"data.config: {spec.config!r} is not a config of dataset {name!r}{hint}; "
+                              f"available: {known}")
+    if text.startswith("Unknown split"):
+        known = _listed(text, "Should be one of ")
+        return LlmshrinkError(f"data.split: {spec.split!r} is not a split of dataset {name!r}"
+                              f"{did_you_mean(spec.split, known.split(', '))}; available: {known}")
+    return LlmshrinkError(f"data.source: cannot load dataset {name!r}: {_first_line(err)}")
+
+
+# Network failures that are not builtin ConnectionErrors (httpx, requests, huggingface_hub's cache miss).
+_NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "TransportError", "OfflineModeIsEnabled",
+                   "LocalEntryNotFoundError"}
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """err, then what it was raised from (or while handling), and so on."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        yield err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+
+
+def _listed(text: str, after: str = "configs: ", show: int = 12) -> str:
+    """'a, b' from a datasets message that ends its sentence with a Python list: "... configs: ['a', 'b']"."""
+    import ast
+
+    start = text.find("[", text.find(after))
+    end = text.find("]", start)
+    try:
+        names = [str(n) for n in ast.literal_eval(text[start:end + 1])]
+    except (ValueError, SyntaxError):
+        return text[start:end + 1] or "(not listed)"
+    more = f", ... ({len(names)} in all)" if len(names) > show else ""
+    return ", ".join(names[:show]) + more
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _no_field(field: str, source: str, columns: Iterable[str]) -> LlmshrinkError:
@@ -238,7 +295,8 @@ def _no_field(field: str, source: str, columns: Iterable[str]) -> LlmshrinkError
 
 def _column(dataset, spec: DataSpec, source: str) -> list[str]:
     if spec.template is not None:
-        return [text for row in dataset if (text := _text_of(row, spec.text_field, spec.template, source))]
+        return [text for i, row in enumerate(dataset)
+                if (text := _text_of(row, spec.text_field, spec.template, source, i))]
     columns = list(dataset.column_names)
     if spec.text_field not in columns:
         raise _no_field(spec.text_field, source, columns)
@@ -249,27 +307,36 @@ def _rows(dataset, spec: DataSpec, field: str, source: str,
           error: Callable[[Exception], LlmshrinkError]) -> Iterator[str]:
     """The documents of a streamed dataset, row by row: `field`'s string value, or the filled template."""
     rows = iter(dataset)
-    while True:
+    for index in itertools.count():
         try:
             row = next(rows)
         except StopIteration:
             return
         except Exception as err:  # a streamed file is parsed, and a hub read, only while iterating
             raise error(err) from err
-        text = _text_of(row, field, spec.template, source)
+        text = _text_of(row, field, spec.template, source, index)
         if text is not None:
             yield text
 
 
-def _text_of(row: dict, field: str, template: str | None, source: str) -> str | None:
-    """One record as a document: the template filled with the record's fields, else its text field."""
+def _text_of(row: dict, field: str, template: str | None, source: str, index: int = 0) -> str | None:
+    """One record (`index` counts from 0) as a document: the template filled with its fields, else its text field."""
     if template is None:
         if field not in row:
             raise _no_field(field, source, row)
         return row[field] if isinstance(row[field], str) else None
     try:
-        return template.format_map(row)
+        text = template.format_map(row)
     except KeyError as err:
         raise LlmshrinkError(
-            f"data.template: {source} has no field {err.args[0]!r}; fields: {', '.join(row) or '(none)'}"
+            f"data.template: record {index} of {source} has no field {err.args[0]!r}; "
+            f"fields: {', '.join(row) or '(none)'}"
         ) from None
+    except (IndexError, ValueError, AttributeError, TypeError) as err:  # recipe validation allows only {name}
+        raise LlmshrinkError(f"data.template: record {index} of {source}: cannot fill {template!r}: {err}") from None
+    # datasets fills a field that some records lack with None: without this, "None" would be trained on.
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and row.get(name.split(".")[0].split("[")[0]) is None:
+            raise LlmshrinkError(f"data.template: record {index} of {source}: field {name!r} is empty (null); "
+                                 "fill it in, or leave the record out of the file")
+    return text

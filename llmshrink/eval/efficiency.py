@@ -8,6 +8,7 @@ llmshrink's factored layers count what they actually compute), and peak RAM whil
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,7 +16,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import psutil
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -105,29 +105,53 @@ def dir_size(path: str | os.PathLike, weights_only: bool = False) -> int:
 
 
 def safetensors_bytes(model: nn.Module) -> int:
-    """Size of the model's state dict written as one .safetensors file (tied weights once).
+    """Bytes of the model's state dict written as one .safetensors file (tied weights once), computed
+    exactly without writing anything: 8 bytes of header length, the JSON header (padded to 8 bytes as
+    safetensors pads it), then the tensor data.
 
-    A fair 'size on disk' for a model that has not been saved yet; the temporary file is deleted.
+    The header's key order, dtype names and padding come from safetensors itself, by serialising
+    one-element stand-ins in memory; only their shapes and byte offsets are replaced.
     """
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
-    storages: set[tuple] = set()
     for name, t in model.state_dict(keep_vars=False).items():
         key = _storage_key(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        t = t.detach().cpu().contiguous()
-        # safetensors refuses tensors that share memory; views of one storage are copied apart.
-        storage = (t.untyped_storage().data_ptr(), t.device.type)
-        if storage in storages:
-            t = t.clone()
-        storages.add(storage)
-        tensors[name] = t
-    with tempfile.TemporaryDirectory(prefix="llmshrink-size-") as tmp:
-        file = os.path.join(tmp, "model.safetensors")
-        save_file(tensors, file, metadata={"format": "pt"})
-        return os.path.getsize(file)
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = t
+    if not tensors:
+        return len(save_bytes({}, metadata={"format": "pt"}))
+    probe_bytes = save_bytes({name: torch.zeros(1, dtype=t.dtype) for name, t in tensors.items()},
+                             metadata={"format": "pt"})
+    length = int.from_bytes(probe_bytes[:8], "little")
+    probe_text = probe_bytes[8:8 + length].decode("utf-8")
+    header = json.loads(probe_text)
+    if _compact_json(header) != probe_text.rstrip(" "):  # a safetensors that writes headers another way
+        return len(save_bytes({k: t.detach().cpu().contiguous() for k, t in tensors.items()},
+                              metadata={"format": "pt"}))
+    data_order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    offset = 0
+    for name in data_order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {**header[name], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text_bytes = len(_compact_json(header).encode("utf-8"))
+    if _pads_header():
+        text_bytes += -text_bytes % 8
+    return 8 + text_bytes + offset
+
+
+def _compact_json(value) -> str:
+    # serde_json's compact form, as safetensors (Rust) writes its header
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@functools.cache
+def _pads_header() -> bool:
+    """Whether this safetensors pads the header to 8 bytes (newer versions do), seen on a 54-byte header."""
+    probe = save_bytes({"ab": torch.zeros(1, dtype=torch.uint8)})
+    return int.from_bytes(probe[:8], "little") % 8 == 0
 
 
 @dataclass
@@ -206,6 +230,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _StepClock:
+    """A logits processor that only notes the time: generate calls it once per new token, after that
+    token's forward, so the first call ends the prefill and the calls after it time the decode steps."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
 @torch.inference_mode()
 def measure_latency(
     model: nn.Module,
@@ -219,10 +256,13 @@ def measure_latency(
 ) -> dict:
     """Prefill and greedy-decode speed on random prompts (seeded), medians over `repeats`.
 
-    prefill_ms: one forward over the prompt. decode_ms_per_token: (generate - prefill) / new_tokens,
-    generate running greedy with the KV cache and exactly `new_tokens` new tokens.
-    tokens_per_s: batch_size * new_tokens / generate time.
+    prefill_ms: one forward over the prompt (no generate). decode_ms_per_token: one decode step of
+    generate (greedy, KV cache), prefill excluded: generate makes new_tokens + 1 tokens, the first from
+    the prefill, and the time from that first token to the last is divided by new_tokens.
+    tokens_per_s: batch_size * new_tokens / that decode time (prefill excluded).
     """
+    from transformers import LogitsProcessorList
+
     if prompt_tokens < 1 or new_tokens < 1 or batch_size < 1 or repeats < 1:
         raise ValueError("prompt_tokens, new_tokens, batch_size and repeats must all be >= 1")
     device = next(model.parameters()).device
@@ -230,10 +270,11 @@ def measure_latency(
     vocab = _vocab_size(model, tokenizer_or_vocab_size)
     input_ids = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(device)
     attention_mask = torch.ones_like(input_ids)
+    made = new_tokens + 1  # the first comes from the prefill
     gen_kwargs = {
         "attention_mask": attention_mask,
-        "max_new_tokens": new_tokens,
-        "min_new_tokens": new_tokens,
+        "max_new_tokens": made,
+        "min_new_tokens": made,
         "do_sample": False,
         "pad_token_id": _pad_token_id(model, tokenizer_or_vocab_size),
     }
@@ -241,32 +282,31 @@ def measure_latency(
     was_training = model.training
     model.eval()
     prefill_s: list[float] = []
-    generate_s: list[float] = []
+    decode_s: list[float] = []
     try:
         for i in range(warmup + repeats):
             _sync(device)
             with timed() as t_prefill:
                 model(input_ids=input_ids, attention_mask=attention_mask)
                 _sync(device)
-            with timed() as t_generate:
-                out = model.generate(input_ids, **gen_kwargs)
-                _sync(device)
-            if out.shape[1] != prompt_tokens + new_tokens:
+            clock = _StepClock(device)
+            out = model.generate(input_ids, logits_processor=LogitsProcessorList([clock]), **gen_kwargs)
+            if out.shape[1] != prompt_tokens + made or len(clock.times) != made:
                 raise RuntimeError(
-                    f"generate made {out.shape[1] - prompt_tokens} tokens, asked for {new_tokens}"
+                    f"generate made {out.shape[1] - prompt_tokens} tokens ({len(clock.times)} steps), asked for {made}"
                 )
             if i >= warmup:
                 prefill_s.append(t_prefill.seconds)
-                generate_s.append(t_generate.seconds)
+                decode_s.append(clock.times[-1] - clock.times[0])
     finally:
         model.train(was_training)
 
     prefill = statistics.median(prefill_s)
-    generate = statistics.median(generate_s)
+    decode = statistics.median(decode_s)
     return {
         "prefill_ms": prefill * 1000,
-        "decode_ms_per_token": (generate - prefill) * 1000 / new_tokens,
-        "tokens_per_s": batch_size * new_tokens / generate,
+        "decode_ms_per_token": decode * 1000 / new_tokens,
+        "tokens_per_s": batch_size * new_tokens / decode,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "batch_size": batch_size,

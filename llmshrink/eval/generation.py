@@ -19,17 +19,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
 from llmshrink.errors import LlmshrinkError, did_you_mean
 from llmshrink.eval import EVALS_DIR
 from llmshrink.eval.perplexity import max_positions
-from llmshrink.specs import Spec
+from llmshrink.eval.specs import GenerationSpec  # noqa: F401  (re-exported: its home is eval.specs)
 
 Reference = str | Sequence[str]
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -264,61 +263,31 @@ _FILE_DEFAULTS = _Builtin("", "dialogue", "summary", SUMMARY_PROMPT)
 FIELD = "evaluate.generation"
 
 
-class GenerationSpec(Spec):
-    """`evaluate.generation:` greedy generation on a jsonl file, scored against its references."""
-
-    data: str = Field(
-        "builtin:dialogue_summaries",
-        description="a .jsonl file (relative to the current directory), builtin:dialogue_summaries or "
-                    "builtin:data_to_text (their test files in the source tree's evals/data)",
-    )
-    input_field: str | None = Field(None, description="record field put into the prompt; default: the "
-                                                       "built-in set's, else 'dialogue'")
-    target_field: str | None = Field(None, description="record field with the reference (a string or a list "
-                                                        "of strings); default: the built-in set's, else 'summary'")
-    prompt: str | None = Field(None, description="template with {input}; default: the built-in set's, else "
-                                                 "a summarisation prompt")
-    max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(8, ge=1)
-    limit: int | None = Field(None, ge=1, description="score only the first N records")
-    stop_at_newline: bool = Field(True, description="keep only the first line of each generated text")
-    metrics: list[Literal["rouge", "bleu", "meteor"]] = Field(
-        default_factory=lambda: ["rouge", "bleu"], min_length=1,
-        description="meteor needs nltk's WordNet corpus, so it is off unless listed",
-    )
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_has_input(cls, value: str | None) -> str | None:
-        if value is not None and "{input}" not in value:
-            raise ValueError(f"prompt {value!r} has no {{input}} placeholder; the record's input goes there")
-        return value
-
-    def resolve(self) -> GenerationTask:
-        """The file, fields and prompt template this section means."""
-        if self.data.startswith("builtin:"):
-            name = self.data.removeprefix("builtin:")
-            if name not in BUILTIN_GENERATION_DATA:
-                known = ", ".join(f"builtin:{k}" for k in BUILTIN_GENERATION_DATA)
-                hint = did_you_mean(name, BUILTIN_GENERATION_DATA, prefix="builtin:")
-                raise LlmshrinkError(f"{FIELD}.data: unknown built-in set '{self.data}'{hint}; known: {known}")
-            defaults = BUILTIN_GENERATION_DATA[name]
-            path = EVALS_DATA / defaults.file
-            if not path.is_file():
-                raise LlmshrinkError(
-                    f"{FIELD}.data: {self.data} is read from the source tree's evals/data, but {path} does not "
-                    f"exist (llmshrink installed without its repository?); install from a checkout with "
-                    f"`pip install -e .` or give a .jsonl path"
-                )
-        else:
-            defaults, path = _FILE_DEFAULTS, Path(self.data)
-            if not path.is_file():
-                raise LlmshrinkError(
-                    f"{FIELD}.data: {path} does not exist (relative paths resolve against the current directory "
-                    f"{Path.cwd()}); give a .jsonl file or builtin:{'|builtin:'.join(BUILTIN_GENERATION_DATA)}"
-                )
-        return GenerationTask(path, self.input_field or defaults.input_field,
-                              self.target_field or defaults.target_field, self.prompt or defaults.prompt)
+def resolve_task(spec: GenerationSpec) -> GenerationTask:
+    """The file, fields and prompt template an evaluate.generation section means (GenerationSpec.resolve)."""
+    if spec.data.startswith("builtin:"):
+        name = spec.data.removeprefix("builtin:")
+        if name not in BUILTIN_GENERATION_DATA:
+            known = ", ".join(f"builtin:{k}" for k in BUILTIN_GENERATION_DATA)
+            hint = did_you_mean(name, BUILTIN_GENERATION_DATA, prefix="builtin:")
+            raise LlmshrinkError(f"{FIELD}.data: unknown built-in set '{spec.data}'{hint}; known: {known}")
+        defaults = BUILTIN_GENERATION_DATA[name]
+        path = EVALS_DATA / defaults.file
+        if not path.is_file():
+            raise LlmshrinkError(
+                f"{FIELD}.data: {spec.data} is read from the package's llmshrink/evals/data, but {path} does "
+                f"not exist (llmshrink installed without its package data?); reinstall llmshrink or give a "
+                f".jsonl path"
+            )
+    else:
+        defaults, path = _FILE_DEFAULTS, Path(spec.data)
+        if not path.is_file():
+            raise LlmshrinkError(
+                f"{FIELD}.data: {path} does not exist (relative paths resolve against the current directory "
+                f"{Path.cwd()}); give a .jsonl file or builtin:{'|builtin:'.join(BUILTIN_GENERATION_DATA)}"
+            )
+    return GenerationTask(path, spec.input_field or defaults.input_field,
+                          spec.target_field or defaults.target_field, spec.prompt or defaults.prompt)
 
 
 def read_pairs(path: Path, input_field: str, target_field: str) -> list[tuple[str, Reference]]:

@@ -4,7 +4,7 @@ The model object goes straight into lm-eval's `HFLM`, so what is scored is exact
 memory; `lm_eval --model hf --model_args pretrained=CHECKPOINT,trust_remote_code=True` on the saved
 checkpoint gives the same numbers (tests/test_lm_eval_bridge.py checks it). Tasks are lm-eval's
 registry tasks (their data comes from the Hugging Face hub) or the offline task YAMLs in the
-repository's `evals/` directory.
+package's `llmshrink/evals/` directory.
 """
 
 from __future__ import annotations
@@ -21,34 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 
 from llmshrink.errors import LlmshrinkError, did_you_mean
 from llmshrink.eval import EVALS_DIR
-from llmshrink.specs import Spec
+from llmshrink.eval.specs import LmEvalSpec  # noqa: F401  (re-exported: its home is eval.specs)
 
 ALL_LOCAL_TAG = "llmshrink_offline"  # the tag every task in evals/ carries: runs them all
 
 
-class LmEvalSpec(Spec):
-    """A recipe's `evaluate.lm_eval:` section; the fields are run_lm_eval's keyword arguments."""
-
-    tasks: list[str] = Field(min_length=1, description="lm-eval task, group or tag names, or task YAML paths")
-    include_path: str | None = Field(None, description="directory of task YAMLs; default: the repository's evals/")
-    limit: int | float | None = Field(
-        None, gt=0, description="at most this many documents per task (below 1: this fraction of them)"
-    )
-    batch_size: int = Field(1, ge=1)
-    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; default: each task's own")
-
-
 def evals_dir() -> Path:
-    """The repository's evals/ directory (it is not part of the installed package)."""
+    """The package's evals/ directory (package data: installed with llmshrink)."""
     path = EVALS_DIR
     if not path.is_dir():
         raise LlmshrinkError(
-            f"lm_eval.include_path: no evals/ directory at {path} (it ships with the llmshrink repository, not "
-            "the installed package); give include_path, a directory of lm-eval task YAMLs"
+            f"lm_eval.include_path: no evals/ directory at {path} (llmshrink installed without its package "
+            "data?); reinstall llmshrink, or give include_path, a directory of lm-eval task YAMLs"
         )
     return path
 
@@ -156,12 +143,17 @@ def _manager_for(names: list[str], local: Path) -> Any:
     manager = _task_manager(str(local), include_defaults=False)
     if all(name in manager.all_tasks or _is_yaml_file(name) for name in names):
         return manager
+    for name in names:
+        if Path(name).suffix in (".yaml", ".yml") and not Path(name).is_file():
+            raise LlmshrinkError(f"lm_eval.tasks: no such task file: {name}")
+    ours = manager.all_tasks
     manager = _task_manager(str(local), include_defaults=True)
     unknown = [name for name in names if name not in manager.all_tasks and not _is_yaml_file(name)]
     if unknown:
-        ours = _task_manager(str(local), include_defaults=False).all_tasks
+        # A close local name is the likelier meaning than one of the registry's ~15k names.
+        hint = did_you_mean(unknown[0], ours) or did_you_mean(unknown[0], manager.all_tasks)
         raise LlmshrinkError(
-            f"lm_eval.tasks: unknown task {unknown[0]!r}{did_you_mean(unknown[0], manager.all_tasks)}; local tasks "
+            f"lm_eval.tasks: unknown task {unknown[0]!r}{hint}; local tasks "
             f"in {local}: {', '.join(ours) or 'none'}; lm-eval registry tasks (`lm_eval ls tasks`) also work "
             "but download their data from the Hugging Face hub"
         )

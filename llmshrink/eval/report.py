@@ -6,7 +6,7 @@ Metric dict contract, shared by apply, the manifest and this report (a missing k
     size_bytes           int    bytes on disk of the weights               (efficiency.safetensors_bytes
                                                                             or dir_size(..., weights_only))
     perplexity           float  sliding-window perplexity                  (perplexity.perplexity().ppl)
-    decode_tokens_per_s  float  greedy generate throughput                 (measure_latency()["tokens_per_s"])
+    decode_tokens_per_s  float  greedy decode throughput, prefill excluded (measure_latency()["tokens_per_s"])
     prefill_ms           float  one forward over the prompt                (measure_latency()["prefill_ms"])
     load_seconds         float  time to load the model                     (efficiency.load_time)
     compress_seconds     float  time the recipe's stages took (compressed model only)
@@ -16,13 +16,14 @@ not measure them stay as they were.
 
     macs_per_token         float  multiply-adds per token of a prefill     (macs_per_token()["total"])
     decode_macs_per_token  float  multiply-adds of one decoded token       (macs_per_decode_token()["total"])
-    decode_ms_per_token    float  latency of one decode step               (measure_latency()["decode_ms_per_token"])
+    decode_ms_per_token    float  latency of one decode step (no prefill)  (measure_latency()["decode_ms_per_token"])
     peak_ram_load_mb       float  peak resident MiB once loaded            (measure_memory()["peak_rss_load_mb"])
     peak_ram_generate_mb   float  peak resident MiB after generating       (measure_memory()["peak_rss_generate_mb"])
 
 Stage rows (one per recipe stage): `stage` (name), `seconds`, `params` and `perplexity` after it.
-Perplexity protocol dict: `dataset`, `split`, `window`, `stride`, `tokens`, `bos`, `tied_embeddings`
-(PerplexityResult.protocol plus what the caller knows about the data and the model).
+Perplexity protocol dict: `dataset`, `split`, `window`, `stride`, `tokens`, `bos` (PerplexityResult.protocol
+plus what the caller knows about the data), and `tied_embeddings`, per measured model ({"base": bool,
+"compressed": bool}; a plain bool in manifests written before llmshrink recorded it per model).
 """
 
 from __future__ import annotations
@@ -169,6 +170,13 @@ def _yes_no(v) -> str:
     return MISSING if v is None else ("yes" if v else "no")
 
 
+def _tied_text(v) -> str:
+    """Tied embeddings of each measured model ("base yes, compressed no"), or of the one model."""
+    if isinstance(v, dict):
+        return ", ".join(f"{which} {_yes_no(tied)}" for which, tied in v.items()) or MISSING
+    return _yes_no(v)
+
+
 def protocol_line(protocol: dict) -> str:
     """One line that says how the perplexity was measured; printed beside every perplexity."""
     dataset = protocol.get("dataset", MISSING)
@@ -182,7 +190,7 @@ def protocol_line(protocol: dict) -> str:
         f"stride {protocol.get('stride', MISSING)}",
         f"{tokens:,} tokens" if isinstance(tokens, int) else f"tokens {MISSING}",
         bos_text,
-        f"tied embeddings: {_yes_no(protocol.get('tied_embeddings'))}",
+        f"tied embeddings: {_tied_text(protocol.get('tied_embeddings'))}",
     ]
     return "Perplexity protocol: " + ", ".join(parts)
 
@@ -210,7 +218,7 @@ def render_report_md(
         ("stride", protocol.get("stride", MISSING)),
         ("tokens", protocol.get("tokens", MISSING)),
         ("BOS", MISSING if bos is None else ("prepended to each window" if bos else "not added")),
-        ("tied embeddings", _yes_no(protocol.get("tied_embeddings"))),
+        ("tied embeddings", _tied_text(protocol.get("tied_embeddings"))),
     ]
     parts = [
         f"# llmshrink report: {name}",

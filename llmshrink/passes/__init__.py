@@ -1,8 +1,3 @@
-"""Built-in passes, one file each; importing this package imports them all, and each registers
-itself (register_pass at the end of its file), so a new pass file needs no edit elsewhere."""
-
-import importlib
-import pkgutil
-
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-    importlib.import_module(f"{__name__}.{_info.name}")
+"""Built-in passes: implementation llmshrink/passes/NAME.py (apply(model, cfg, ctx) -> record) and
+settings llmshrink/passes/configs/NAME.py (@register_pass). This package imports nothing itself, so reading
+a config never imports torch; llmshrink.registry imports an implementation when the pass runs."""

@@ -17,9 +17,12 @@ PassRecord = dict[str, Any]
 
 
 class PassConfig(BaseModel):
-    """Base of all pass configs: unknown keys are errors, values cannot change after validation."""
+    """Base of all pass configs: unknown keys are errors, values cannot change after validation.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict: `select_layers: true` or `rank: "2"` is an error, not 1 or 2 (an int is still a valid float).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class TrainingConfig(PassConfig):

@@ -8,50 +8,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
-from pydantic_core import PydanticCustomError
 from tqdm.auto import tqdm
 
 from llmshrink.context import Context
 from llmshrink.decompose.kmeans import kmeans_1d
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.clustered import ClusteredLinear, dense_weight
-from llmshrink.passes.base import PassConfig, PassRecord
-from llmshrink.registry import register_pass
+from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.cluster import ClusterConfig
 from llmshrink.targeting import find_targets, replace_module, shared_weight_names
-
-
-class ClusterConfig(PassConfig):
-    targets: str = Field(
-        r".*\.\d+\..*", description="regex over full module names (Linear or Conv1D); default: every block layer"
-    )
-    exclude: str | None = Field(None, description="regex of module names to leave dense")
-    layers: list[int] | None = Field(None, description="only these block indices")
-    clusters: int | None = Field(None, ge=2, le=256, description="shared values per layer (give this or bits)")
-    bits: int | None = Field(None, ge=1, le=8, description="bits per index: clusters = 2**bits (or clusters)")
-    init: Literal["forgy", "density", "linear"] = Field(
-        "linear", description="centroid start: random weights, CDF quantiles, or evenly spaced (Han et al.'s best)"
-    )
-    iters: int = Field(300, ge=1, description="Lloyd iterations at most")
-    tol: float = Field(1e-6, ge=0.0, description="stop when no centroid moves more than tol x the weight range")
-    per: Literal["layer"] = Field("layer", description="one codebook per layer")
-    tied_embeddings: Literal["refuse", "untie"] = Field(
-        "refuse", description="what to do with a target whose weight is tied to another module"
-    )
-
-    @model_validator(mode="after")
-    def _one_size(self) -> ClusterConfig:
-        if (self.clusters is None) == (self.bits is None):
-            both = ", not both" if self.clusters is not None else ""
-            raise PydanticCustomError("cluster_size", f"set clusters (2..256) or bits (1..8){both}")
-        return self
-
-    @property
-    def k(self) -> int:
-        return self.clusters if self.clusters is not None else 2**self.bits
 
 
 def apply(model, cfg: ClusterConfig, ctx: Context) -> PassRecord:
@@ -120,6 +87,3 @@ def _layer_record(
         "converged": found.converged,
         "seconds": round(seconds, 3),
     }
-
-
-register_pass("cluster", ClusterConfig, apply)

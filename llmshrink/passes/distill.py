@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
-from pydantic import Field, NonNegativeInt
 from torch import nn
 
 from llmshrink.context import Context
@@ -30,32 +28,8 @@ from llmshrink.distill.losses import (
 )
 from llmshrink.distill.trainer import LossFn, train
 from llmshrink.errors import LlmshrinkError
-from llmshrink.passes.base import PassRecord, TrainingConfig
-from llmshrink.registry import register_pass
-
-
-class DistillConfig(TrainingConfig):
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs CE")
-    temperature: float = Field(2.0, gt=0.0)
-    train: Literal["all", "compressed"] = Field(
-        "all", description="all trainable parameters, or only those of llmshrink's compressed layers"
-    )
-    teacher: str = Field("base", description="'base' = the model as loaded, or a model id to load")
-    hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state term, added to the alpha mix")
-    hidden_loss: Literal["mse", "cosine"] = "mse"
-    attention_weight: float = Field(0.0, ge=0.0, description="weight of the attention-map KL term (TinyBERT)")
-    layer_map: list[tuple[NonNegativeInt, NonNegativeInt]] | None = Field(
-        None,
-        description="student -> teacher hidden-state index pairs (0 = embeddings, i = after block i); "
-        "default: spread evenly, last to last",
-    )
-    eval_every: int = Field(
-        0, ge=0, description="perplexity every N steps (and before and after training) on data.heldout "
-        "documents, or on the recipe's evaluate data when data.heldout is 0; 0 = off",
-    )
-    eval_tokens: int = Field(4096, ge=16, description="held-out tokens per periodic evaluation")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast (accelerate); fp16 needs CUDA")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.distill import DistillConfig
 
 
 def logit_kd_loss(alpha: float, temperature: float) -> LossFn:
@@ -338,6 +312,3 @@ def _select_trainable(model: nn.Module, which: str) -> set[nn.Parameter]:
     if not chosen:
         raise LlmshrinkError("distill: the model has no trainable parameters")
     return chosen
-
-
-register_pass("distill", DistillConfig, apply)

@@ -14,39 +14,15 @@ architecture: checkpoints reload with plain transformers, no remote code.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
-from llmshrink.passes.base import PassConfig, PassRecord
+from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.drop_layers import DropLayersConfig
 from llmshrink.passes.share_layers import count_params, find_blocks
-from llmshrink.registry import register_pass
-
-
-class DropLayersConfig(PassConfig):
-    layers: list[int] | None = Field(None, description="indices of the blocks to remove ([] removes none)")
-    keep: int | None = Field(None, ge=1, description="how many blocks remain, chosen by select")
-    select: Literal["influence", "first"] = Field(
-        "influence",
-        description="keep: remove the blocks of least influence (1 - cos(input, output) on "
-        "calibration tokens), or keep the first `keep` blocks",
-    )
-    selection_tokens: int = Field(
-        2048, ge=16, description="calibration tokens (from data:) for select: influence"
-    )
-
-    @model_validator(mode="after")
-    def _one_way(self) -> DropLayersConfig:
-        if (self.layers is None) == (self.keep is None):
-            raise ValueError("set exactly one of layers (blocks to remove) or keep (how many blocks remain)")
-        if self.layers is not None and "select" in self.model_fields_set:
-            raise ValueError("select chooses the blocks for keep; layers names them already")
-        return self
 
 
 def apply(model: nn.Module, cfg: DropLayersConfig, ctx: Context) -> PassRecord:
@@ -179,6 +155,3 @@ def block_influence(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) 
             handle.remove()
         model.train(was_training)
     return (1.0 - sums / max(counted, 1)).tolist()
-
-
-register_pass("drop_layers", DropLayersConfig, apply)

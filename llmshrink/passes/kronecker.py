@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from llmshrink.context import Context
@@ -18,38 +16,10 @@ from llmshrink.decompose.factor_shapes import (
 from llmshrink.decompose.kronecker_search import search_permutations
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.kronecker import KroneckerLinear, dense_weight
-from llmshrink.passes.base import PassConfig, PassRecord
-from llmshrink.registry import register_pass
+from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.kronecker import KroneckerConfig
 from llmshrink.sensitivity import group_by_layer, layer_sensitivity, least_sensitive
 from llmshrink.targeting import find_targets, layer_index, replace_module, shared_weight_names
-
-
-class KroneckerConfig(PassConfig):
-    targets: str = Field(r".*\.mlp\..*", description="regex over full module names (Linear or Conv1D)")
-    exclude: str | None = Field(None, description="regex of module names to leave dense")
-    layers: list[int] | None = Field(None, description="only these block indices")
-    select_layers: int | None = Field(
-        None, ge=1, description="compress only the N blocks whose compression hurts calibration perplexity least"
-    )
-    selection_tokens: int = Field(2048, ge=16, description="calibration tokens (from data:) for select_layers")
-    a_shape: tuple[int, int] | None = Field(
-        None, description="explicit (m1, n1) of factor A; B follows from the layer's shape"
-    )
-    ratio: float = Field(0.1, gt=0.0, lt=1.0, description="per-layer param budget when a_shape is not given")
-    rank: int | None = Field(None, ge=1, description="Kronecker terms; default 1, or the most that fit `ratio`")
-    max_rank: int = Field(8, ge=1, description="upper bound on terms when rank is chosen from `ratio`")
-    permute: bool = Field(True, description="search row/column permutations that lower the error")
-    search_iters: int = Field(20, ge=1, description="alternating-assignment iterations per layer")
-    search_restarts: int = Field(2, ge=0, description="structured starts besides identity and norm order")
-    tied_embeddings: Literal["refuse", "untie"] = Field(
-        "refuse", description="what to do with a target whose weight is tied to another module"
-    )
-
-    @model_validator(mode="after")
-    def _shapes_positive(self) -> KroneckerConfig:
-        if self.a_shape is not None and min(self.a_shape) < 1:
-            raise ValueError(f"a_shape must be two positive integers, got {list(self.a_shape)}")
-        return self
 
 
 def apply(model, cfg: KroneckerConfig, ctx: Context) -> PassRecord:
@@ -150,6 +120,3 @@ def _layer_shapes(name: str, weight, cfg: KroneckerConfig):
         return tuple(choice.a_shape), tuple(choice.b_shape), choice.rank
     except LlmshrinkError as err:
         raise LlmshrinkError(f"kronecker: {name}: {err}") from None
-
-
-register_pass("kronecker", KroneckerConfig, apply)

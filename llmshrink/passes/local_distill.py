@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from llmshrink.context import Context
@@ -23,16 +22,9 @@ from llmshrink.distill.curves import training_curve
 from llmshrink.distill.data import pack
 from llmshrink.distill.trainer import LossFn, train
 from llmshrink.errors import LlmshrinkError
-from llmshrink.passes.base import PassRecord, TrainingConfig
-from llmshrink.registry import register_pass
+from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.local_distill import LocalDistillConfig
 from llmshrink.targeting import is_dense_layer, layer_index
-
-
-class LocalDistillConfig(TrainingConfig):
-    lr: float = Field(1e-3, gt=0.0, description="higher than distill's: each layer fits a fixed target")
-    warmup_steps: int = Field(5, ge=0, description="linear warmup, then cosine decay to zero")
-    targets: str = Field(".*", description="regex over the names of the compressed layers to fit")
-    layers: list[int] | None = Field(None, description="only compressed layers in these blocks")
 
 
 class LocalStudent(nn.Module):
@@ -140,6 +132,3 @@ def apply(model: nn.Module, cfg: LocalDistillConfig, ctx: Context) -> PassRecord
         "lr": cfg.lr,
         "curve": training_curve(result),
     }
-
-
-register_pass("local_distill", LocalDistillConfig, apply)

@@ -15,6 +15,7 @@ for Linear/Conv1D targets, plain `PeftModel.from_pretrained`) and takes them out
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Iterator
@@ -22,12 +23,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from llmshrink.bnb import import_without_hub_kernel
+
+# peft imports bitsandbytes (when installed): import it first through bnb.py, which skips its hub kernel
+# fetch (see import_without_hub_kernel). Without a working bitsandbytes, peft does not need it.
+with contextlib.suppress(Exception):
+    import_without_hub_kernel()
+
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
-from pydantic import Field, field_validator
-from pydantic_core import PydanticCustomError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -35,46 +42,13 @@ from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.kronecker import KroneckerLinear
 from llmshrink.modules.low_rank import LowRankLinear
-from llmshrink.passes.base import PassConfig, PassRecord
-from llmshrink.registry import register_pass
+from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.lora import _ALLOWED, LoraPassConfig
 from llmshrink.targeting import is_bnb_layer, is_dense_layer, replace_module, shared_weight_names
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model
 # On the model: {"merge": bool, "trainable": names that had requires_grad before the adapters froze them}.
 _STATE = "llmshrink_lora"
-_ALLOWED = "Linear, Conv1D, LowRankLinear, KroneckerLinear, bitsandbytes Linear4bit/Linear8bitLt (QLoRA)"
-
-
-class LoraPassConfig(PassConfig):
-    r: int = Field(8, ge=1, description="adapter rank")
-    alpha: float = Field(16.0, gt=0.0, description="the update B·A is scaled by alpha / r")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input while training")
-    targets: str | list[str] = Field(
-        r".*\.\d+\..*",
-        description="regex (or list of regexes) over full module names; default: every layer inside the blocks, "
-        f"i.e. the attention and MLP projections (allowed layers: {_ALLOWED})",
-    )
-    exclude: str | None = Field(None, description="regex of module names to leave without an adapter")
-    merge: bool = Field(False, description="fold the adapters into the weights at the end of the recipe, "
-                        "instead of saving them beside the model in peft's format")
-
-    @field_validator("targets", "exclude")
-    @classmethod
-    def _valid_regex(cls, value: str | list[str] | None) -> str | list[str] | None:
-        for pattern in [value] if isinstance(value, str) else value or []:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise PydanticCustomError("regex", "not a valid regex ({error})", {"error": str(err)}) from None
-        if isinstance(value, list) and not value:
-            raise PydanticCustomError("regex", "give at least one regex")
-        return value
-
-    def pattern(self) -> str:
-        """`targets` as one regex."""
-        return self.targets if isinstance(self.targets, str) else "|".join(f"(?:{p})" for p in self.targets)
-
-
 class CompressedLoraLinear(PeftLoraLinear):
     """peft's LoRA Linear over a compressed layer: the base runs as it is, B·A·x is added to its output.
 
@@ -306,6 +280,3 @@ def _set_factors(layer: LowRankLinear, u: torch.Tensor, v: torch.Tensor) -> None
     layer.u = nn.Parameter(u.contiguous(), requires_grad=layer.u.requires_grad)
     layer.v = nn.Parameter(v.contiguous(), requires_grad=layer.v.requires_grad)
     layer.rank = u.shape[1]
-
-
-register_pass("lora", LoraPassConfig, apply)

@@ -15,11 +15,9 @@ before loading, so each block may keep a different number of neurons.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from llmshrink.context import Context
@@ -27,38 +25,14 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.importance import importance_scores
 from llmshrink.modules.kronecker import dense_weight
 from llmshrink.modules.pruned import PrunedLinear
-from llmshrink.passes.base import PassConfig, PassRecord
-from llmshrink.registry import register_pass
+from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.prune_ffn import PruneFfnConfig
 from llmshrink.targeting import is_dense_layer, layer_index, replace_module
 
 SUPPORTED = (
     "Llama-family (mlp.gate_proj/up_proj/down_proj), GPT-2 (mlp.c_fc/c_proj), "
     "BERT-family (intermediate.dense/output.dense)"
 )
-
-
-class PruneFfnConfig(PassConfig):
-    importance: Literal["magnitude", "activation", "taylor"] = Field(
-        "activation",
-        description="magnitude: |in rows| x |out column|; activation: mean |activation| on calibration tokens; "
-        "taylor: sum over calibration tokens of |activation x gradient| of the LM loss",
-    )
-    keep: float | None = Field(None, gt=0.0, le=1.0, description="share of neurons kept (0.5 unless ratio is set)")
-    ratio: float | None = Field(None, gt=0.0, le=1.0, description="share of FFN parameters kept, instead of keep")
-    scope: Literal["per_layer", "global"] = Field(
-        "per_layer", description="per_layer: the same share in every block; global: rank scores (divided by "
-        "their block's mean) across blocks"
-    )
-    min_keep: int = Field(1, ge=1, description="neurons every block keeps at least")
-    multiple_of: int = Field(1, ge=1, description="kept neurons per block are a multiple of this (e.g. 8)")
-    layers: list[int] | None = Field(None, description="only these block indices")
-    calibration_tokens: int = Field(2048, ge=16, description="tokens (from data:) for activation / taylor")
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> PruneFfnConfig:
-        if self.keep is not None and self.ratio is not None:
-            raise ValueError("set keep (share of neurons) or ratio (share of FFN parameters), not both")
-        return self
 
 
 @dataclass(frozen=True)
@@ -313,6 +287,3 @@ def _greedy(scores, unit_cost, budget: float, min_keep: int, multiple_of: int) -
         else:
             closed.add(name)  # a block keeps a prefix of its ranking: no later group either
     return {name: order[name][: taken[name]].sort().values for name in scores}
-
-
-register_pass("prune_ffn", PruneFfnConfig, apply)

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from llmshrink.checkpoint import set_module_attrs
@@ -31,46 +29,14 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.importance import importance_scores
 from llmshrink.modules.kronecker import dense_weight
 from llmshrink.modules.pruned import PrunedLinear
-from llmshrink.passes.base import PassConfig, PassRecord
-from llmshrink.registry import register_pass
+from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.prune_heads import PruneHeadsConfig
 from llmshrink.targeting import is_dense_layer, layer_index, replace_module
 
 SUPPORTED = (
     "GPT-2 (GPT2Attention: c_attn/c_proj), Llama (LlamaAttention: q/k/v/o_proj, GQA), "
     "BERT (BertSelfAttention: query/key/value, attention.output.dense)"
 )
-
-
-class PruneHeadsConfig(PassConfig):
-    importance: Literal["output_norm", "taylor", "magnitude"] = Field(
-        "output_norm",
-        description="output_norm: mean L2 norm of a head's output-projected contribution on calibration tokens; "
-        "taylor: |dL/d gate| of a head gate on the LM loss (causal LMs); magnitude: norm of the head's weights",
-    )
-    keep: float | None = Field(
-        None, gt=0.0, le=1.0, description="share of heads kept, in whole kv groups (0.5 unless heads_per_layer)"
-    )
-    heads_per_layer: int | None = Field(
-        None, ge=1, description="query heads each pruned layer keeps, instead of keep (a multiple of the GQA group)"
-    )
-    scope: Literal["per_layer", "global"] = Field(
-        "per_layer", description="per_layer: the same share in every layer; global: every layer keeps its best "
-        "kv group, the rest of the budget goes to the best scores of all layers"
-    )
-    normalize: Literal["auto", "layer_mean", "none"] = Field(
-        "auto", description="global scope: divide scores by their layer's mean (layer_mean) or compare them raw "
-        "(none); auto: none for taylor (its scores share the loss's units), layer_mean otherwise"
-    )
-    layers: list[int] | None = Field(None, description="only these block indices")
-    calibration_tokens: int = Field(2048, ge=16, description="tokens (from data:) for output_norm / taylor")
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> PruneHeadsConfig:
-        if self.keep is not None and self.heads_per_layer is not None:
-            raise ValueError("set keep (share of heads) or heads_per_layer, not both")
-        if self.heads_per_layer is not None and self.scope == "global":
-            raise ValueError("heads_per_layer fixes every layer's count; use keep with scope: global")
-        return self
 
 
 @dataclass(frozen=True)
@@ -374,6 +340,3 @@ def select_units(
 def _top(score: torch.Tensor, count: int) -> torch.Tensor:
     """Sorted indices of the `count` best units (ties keep the lower index)."""
     return torch.sort(score, descending=True, stable=True).indices[:count].sort().values
-
-
-register_pass("prune_heads", PruneHeadsConfig, apply)

@@ -12,23 +12,15 @@ the ones trained on the grid. A recipe:
 
 from __future__ import annotations
 
-from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.fake_quant import FakeQuantLinear, dense_weight
-from llmshrink.passes.base import PassConfig, PassRecord
-from llmshrink.registry import register_pass
+from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.qat import QatConfig
 from llmshrink.targeting import find_targets, replace_module, shared_weight_names
-
-
-class QatConfig(PassConfig):
-    targets: str = Field(r".*\.\d+\..*", description="regex over full Linear/Conv1D names (default: inside the "
-                         "blocks, the layers quantize's int8-dynamic converts by default)")
-    exclude: str | None = Field(None, description="regex of layer names to leave as they are")
-    activations: bool = Field(False, description="also round each layer's input as the int8 kernel will")
 
 
 def apply(model: nn.Module, cfg: QatConfig, ctx: Context) -> PassRecord:
@@ -51,6 +43,3 @@ def apply(model: nn.Module, cfg: QatConfig, ctx: Context) -> PassRecord:
     ctx.log(f"  qat: {len(layers)} layers train through int8 rounding"
             + (" of weights and inputs" if cfg.activations else " of their weights"))
     return {"layers": layers, "activations": cfg.activations}
-
-
-register_pass("qat", QatConfig, apply)

@@ -1,7 +1,7 @@
 """Helpers that the task YAMLs in this directory call with `!function utils.NAME`.
 
 lm-eval resolves a YAML's `dataset_kwargs: {data_files: ...}` against the current directory, so a
-task that names `evals/data/x.jsonl` would only run from the repository root. `load_jsonl` reads
+task that names `data/x.jsonl` would only run from this directory. `load_jsonl` reads
 its file relative to this directory instead, so the tasks run from anywhere.
 """
 
@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def load_jsonl(llmshrink_data: str, **_metadata: Any) -> datasets.DatasetDict:
-    """The JSON-lines file `llmshrink_data` (relative to evals/) as a one-split "test" dataset.
+    """The JSON-lines file `llmshrink_data` (relative to this directory) as a one-split "test" dataset.
 
     lm-eval also passes the run's metadata (model args such as `pretrained`) as keywords; unused.
     """

@@ -1,0 +1,125 @@
+"""The recipe's `evaluate:` section run on one model at a time: params, size, perplexity, latency, MACs,
+tasks and peak RAM, with the protocol of each measurement recorded beside it (see eval/report.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from llmshrink.recipe import LatencySpec, Recipe
+
+
+class Evaluator:
+    """The recipe's `evaluate:` section, with its token ids loaded once."""
+
+    def __init__(self, recipe: Recipe, tokenizer, device: torch.device):
+        from llmshrink.distill.data import token_ids
+
+        self.spec, self.tokenizer, self.device = recipe.evaluate, tokenizer, device
+        self.vocab_size = len(tokenizer)
+        ppl = self.spec.perplexity
+        self.has_perplexity = ppl is not None
+        self.ids = token_ids(ppl.data, tokenizer) if ppl is not None else None
+        self._perplexity: dict = {}  # the protocol's shared fields (data, window, ...), see `protocol`
+        self.tied: dict[str, bool] = {}  # per measured model ("base", "compressed"): embeddings tied?
+        self.protocols: dict = {}  # the other measurements: macs, memory, lm_eval, generation
+
+    @property
+    def protocol(self) -> dict:
+        """The perplexity protocol: fields shared by every measurement, and per measured model what
+        differs between them (tied embeddings: an `untie` stage unties the compressed model only)."""
+        if not self._perplexity:
+            return {}
+        return {**self._perplexity, "tied_embeddings": dict(self.tied)}
+
+    def params(self, model) -> int:
+        from llmshrink.eval.efficiency import count_params
+
+        return count_params(model)
+
+    def perplexity(self, model) -> float:
+        from llmshrink.eval.perplexity import perplexity
+
+        spec = self.spec.perplexity
+        bos = self.tokenizer.bos_token_id if spec.add_bos else None
+        result = perplexity(model, self.ids, spec.window, spec.stride, spec.batch_size, self.device,
+                            bos_token_id=bos)
+        self._perplexity = {
+            "dataset": spec.data.source, "config": spec.data.config, "split": spec.data.split,
+            "max_tokens": spec.data.max_tokens, **result.protocol, "tokens_scored": result.tokens_scored,
+        }
+        return result.ppl
+
+    def measure(self, model, which: str, log, known_ppl: float | None = None) -> dict:
+        """The metrics of `model`, recorded as `which` ("base" or "compressed") in the protocol."""
+        from llmshrink.eval.efficiency import has_tied_embeddings, measure_latency, safetensors_bytes
+
+        metrics = {"params": self.params(model), "size_bytes": safetensors_bytes(model)}
+        if self.has_perplexity:
+            self.tied[which] = has_tied_embeddings(model)
+            metrics["perplexity"] = known_ppl if known_ppl is not None else self.perplexity(model)
+            log(f"  perplexity: {metrics['perplexity']:.2f}")
+        if self.spec.latency is not None:
+            lat = self.spec.latency
+            timing = measure_latency(model, self.vocab_size, lat.prompt_tokens, lat.new_tokens, lat.batch_size,
+                                     lat.repeats)
+            metrics["decode_tokens_per_s"] = timing["tokens_per_s"]  # prefill excluded
+            metrics["decode_ms_per_token"] = timing["decode_ms_per_token"]
+            metrics["prefill_ms"] = timing["prefill_ms"]
+        if self.spec.macs:
+            metrics.update(self.macs(model, log))
+        return metrics
+
+    def macs(self, model, log) -> dict:
+        from llmshrink.eval.efficiency import macs_per_decode_token, macs_per_token
+        from llmshrink.eval.perplexity import max_positions
+
+        # Attention MACs grow with the context: count at the latency prompt length, and say so.
+        length = self.spec.latency.prompt_tokens if self.spec.latency is not None else 128
+        limit = max_positions(model)
+        length = min(length, limit - 1) if limit else length
+        prefill = macs_per_token(model, seq_len=length)
+        decode = macs_per_decode_token(model, context=length)
+        self.protocols["macs"] = {"seq_len": length, "decode_context": length, "counter": "FlopCounterMode / 2"}
+        missing = prefill["uncounted_modules"] + prefill["uncounted_ops"]
+        if missing:
+            log(f"  MACs: not counted (no formula): {', '.join(map(str, missing))}")
+        return {"macs_per_token": prefill["total"], "decode_macs_per_token": decode["total"]}
+
+    def tasks(self, model, which: str, log) -> dict:
+        """lm-eval and generation metrics, as {"lm_eval": {task: {metric}}, "generation": {metric}}."""
+        out: dict = {}
+        if self.spec.lm_eval is not None:
+            from llmshrink.eval.lm_eval_bridge import run_lm_eval
+
+            result = run_lm_eval(model, self.tokenizer, **self.spec.lm_eval.model_dump(), log=log)
+            out["lm_eval"] = result["results"]
+            self.protocols["lm_eval"] = result["protocol"]
+        if self.spec.generation is not None:
+            from llmshrink.eval.generation import evaluate_generation
+            from llmshrink.eval.report import GENERATION_METRICS
+
+            result = evaluate_generation(model, self.tokenizer, self.spec.generation, self.device)
+            scores = {k: v for k, v in result.items() if k in GENERATION_METRICS}
+            log("  generation: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+            out["generation"] = scores
+            protocol = self.protocols.setdefault("generation", {
+                **self.spec.generation.model_dump(), "data_file": result["data"], "samples": result["samples"],
+            })
+            protocol[f"{which}_examples"] = result["examples"]
+            protocol[f"{which}_prompts_truncated"] = result["prompts_truncated"]
+        return out
+
+    def memory(self, model_or_dir, device: torch.device) -> dict:
+        from llmshrink.eval.efficiency import measure_memory
+
+        lat = self.spec.latency or LatencySpec()
+        measured = measure_memory(model_or_dir, lat.prompt_tokens, lat.new_tokens, lat.batch_size, str(device))
+        self.protocols["memory"] = {"prompt_tokens": lat.prompt_tokens, "new_tokens": lat.new_tokens,
+                                    "batch_size": lat.batch_size, "device": str(device),
+                                    "how": "peak RSS of a fresh process that loads, then generates greedily"}
+        return {"peak_ram_load_mb": measured["peak_rss_load_mb"],
+                "peak_ram_generate_mb": measured["peak_rss_generate_mb"]}
+
+    def probe_ids(self) -> torch.Tensor:
+        ids = self.ids[:64] if self.ids is not None else torch.arange(16) % self.vocab_size
+        return ids.unsqueeze(0).to(self.device)

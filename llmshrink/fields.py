@@ -1,0 +1,59 @@
+"""Field types that check a recipe value when the recipe is read, not when a pass first uses it.
+
+Torch-free (recipe validation imports it). Each error is a PydanticCustomError, so recipe.py turns it into
+the project's one line: `recipe.yaml: stages[0].kronecker.targets: not a valid regex (...), got '('`.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator
+from pydantic_core import PydanticCustomError
+
+
+def check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise PydanticCustomError("regex", "not a valid regex ({error})", {"error": str(err)}) from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(check_regex)]
+
+_TEMPLATE_ALLOWED = "allowed: named record fields like {dialogue}, and {{ or }} for a literal brace"
+
+
+def check_template(template: str) -> str:
+    """Only `{name}` fields: the template is filled with str.format_map(record), so a positional field
+    ({} or {0}) could never be filled, and a stray brace fails only when the first record is read."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise PydanticCustomError(
+            "template", "unbalanced braces ({error}); {allowed}", {"error": str(err), "allowed": _TEMPLATE_ALLOWED}
+        ) from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise PydanticCustomError(
+                "template", "{field} is not a named field; {allowed}", {"field": field, "allowed": _TEMPLATE_ALLOWED}
+            )
+    return template
+
+
+Template = Annotated[str, AfterValidator(check_template)]
+
+
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# Strict mode takes only a real tuple for a tuple field; YAML has lists, so a list becomes a tuple first
+# (its items are still checked strictly).
+AsTuple = BeforeValidator(_list_to_tuple)

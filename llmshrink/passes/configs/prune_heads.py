@@ -1,0 +1,43 @@
+"""The prune_heads pass's settings, torch-free (validate reads them); the pass: passes/prune_heads.py."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmshrink.passes.base import PassConfig
+from llmshrink.registry import register_pass
+
+
+@register_pass("prune_heads")
+class PruneHeadsConfig(PassConfig):
+    importance: Literal["output_norm", "taylor", "magnitude"] = Field(
+        "output_norm",
+        description="output_norm: mean L2 norm of a head's output-projected contribution on calibration tokens; "
+        "taylor: |dL/d gate| of a head gate on the LM loss (causal LMs); magnitude: norm of the head's weights",
+    )
+    keep: float | None = Field(
+        None, gt=0.0, le=1.0, description="share of heads kept, in whole kv groups (0.5 unless heads_per_layer)"
+    )
+    heads_per_layer: int | None = Field(
+        None, ge=1, description="query heads each pruned layer keeps, instead of keep (a multiple of the GQA group)"
+    )
+    scope: Literal["per_layer", "global"] = Field(
+        "per_layer", description="per_layer: the same share in every layer; global: every layer keeps its best "
+        "kv group, the rest of the budget goes to the best scores of all layers"
+    )
+    normalize: Literal["auto", "layer_mean", "none"] = Field(
+        "auto", description="global scope: divide scores by their layer's mean (layer_mean) or compare them raw "
+        "(none); auto: none for taylor (its scores share the loss's units), layer_mean otherwise"
+    )
+    layers: list[int] | None = Field(None, description="only these block indices")
+    calibration_tokens: int = Field(2048, ge=16, description="tokens (from data:) for output_norm / taylor")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneHeadsConfig:
+        if self.keep is not None and self.heads_per_layer is not None:
+            raise ValueError("set keep (share of heads) or heads_per_layer, not both")
+        if self.heads_per_layer is not None and self.scope == "global":
+            raise ValueError("heads_per_layer fixes every layer's count; use keep with scope: global")
+        return self
