@@ -17,8 +17,8 @@ import copy
 
 from llmshrink.context import Context
 from llmshrink.distill.data import token_ids
-from llmshrink.eval.efficiency import count_params
 from llmshrink.eval.perplexity import perplexity
+from llmshrink.eval.size import count_params
 from llmshrink.models import load_base_model
 from llmshrink.passes.drop_layers import DropLayersConfig
 from llmshrink.passes.drop_layers import apply as drop_layers

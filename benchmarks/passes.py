@@ -30,8 +30,9 @@ from torch import nn
 from llmshrink.context import Context
 from llmshrink.decompose.factor_shapes import kronecker_params
 from llmshrink.distill.data import token_ids
-from llmshrink.eval.efficiency import count_bytes, count_params, measure_latency, safetensors_bytes
+from llmshrink.eval.latency import measure_latency
 from llmshrink.eval.perplexity import perplexity
+from llmshrink.eval.size import count_bytes, count_params, safetensors_bytes
 from llmshrink.models import load_base_model
 from llmshrink.modules.kronecker import dense_weight
 from llmshrink.registry import get_pass

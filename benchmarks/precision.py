@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 
-from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+from llmshrink.checkpoint import save_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.distill.data import token_ids
-from llmshrink.eval.efficiency import dir_size, measure_latency
+from llmshrink.eval.latency import measure_latency
 from llmshrink.eval.perplexity import perplexity
+from llmshrink.eval.size import dir_size
 from llmshrink.models import load_base_model
 from llmshrink.registry import get_pass
 from llmshrink.specs import DataSpec

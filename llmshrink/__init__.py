@@ -9,6 +9,6 @@ _quiet.install()  # before anything imports bitsandbytes: see llmshrink/quiet.py
 
 def load(path, device="cpu"):
     """Rebuild a compressed checkpoint from its manifest and load its weights strictly."""
-    from llmshrink.checkpoint import load_checkpoint
+    from llmshrink.checkpoint_load import load_checkpoint
 
     return load_checkpoint(path, device=device)

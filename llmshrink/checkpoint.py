@@ -1,4 +1,4 @@
-"""Save and load compressed checkpoints that reload exactly, with llmshrink and without it.
+"""Save compressed checkpoints that reload exactly, with llmshrink (see checkpoint_load) and without it.
 
     out/<name>/  config.json (+ llmshrink_layout, llmshrink_module_attrs, auto_map)  model.safetensors
                  tokenizer files  recipe.yaml  llmshrink.json  README.md  modeling_llmshrink.py  <layer files>.py
@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import secrets
 import shutil
-from collections.abc import Iterable
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,14 +25,14 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors import safe_open
 from torch import nn
 
 from llmshrink import __version__
-from llmshrink.bnb import quantization_config, rebuild_layers
+from llmshrink.bnb import quantization_config
+from llmshrink.checkpoint_files import check_aliases, check_keys, read_json, read_tensor_meta
 from llmshrink.errors import LlmshrinkError
 from llmshrink.fileio import make_readable
-from llmshrink.lazy_load import check_materialised, first_nonfinite, meta_weights
+from llmshrink.lazy_load import meta_weights
 from llmshrink.modules import COMPRESSED_MODULES
 from llmshrink.remote_template import REMOTE_FILE, write_remote_code
 
@@ -44,8 +42,6 @@ ATTRS_KEY = "llmshrink_module_attrs"
 MODULE_ATTRS = "llmshrink_attrs"
 BASE_KEY = "llmshrink_base_architecture"
 MANIFEST_FILE = "llmshrink.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 # Auto classes tried, in order, to find the one whose mapping names the base architecture.
 _AUTO_CLASSES = (
     "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
@@ -187,44 +183,6 @@ def write_checkpoint(
     return directory
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the compressed architecture from config.json and load the weights strictly.
-
-    The model is built empty (parameters on "meta", see lazy_load) and takes the file's tensors
-    themselves, so neither the dense base nor a second copy of the weights is ever allocated.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise LlmshrinkError(f"{path}: no such checkpoint directory")
-    for name in ("config.json", MANIFEST_FILE):
-        if not (path / name).is_file():
-            raise LlmshrinkError(f"{path}: not an llmshrink checkpoint (no {name})")
-    raw = _read_json(path / "config.json")
-    layout = raw.get(LAYOUT_KEY) or {}
-    attrs = raw.get(ATTRS_KEY) or {}
-    base = raw.get(BASE_KEY) or (raw.get("architectures") or [None])[0]
-    base_cls = getattr(transformers, str(base), None)
-    if not (isinstance(base_cls, type) and issubclass(base_cls, transformers.PreTrainedModel)):
-        raise LlmshrinkError(f"{path / 'config.json'}: {BASE_KEY}: {base!r} is not a transformers model class")
-    config = transformers.AutoConfig.from_pretrained(path)
-    # A plain base config: no routing to remote code, no quantization (the bnb layers are rebuilt below).
-    for key in ("auto_map", LAYOUT_KEY, ATTRS_KEY, BASE_KEY, "quantization_config"):
-        if hasattr(config, key):
-            delattr(config, key)
-    config.architectures = [base_cls.__name__]
-    model = _build(base_cls, config)
-    apply_layout(model, layout)
-    apply_module_attrs(model, attrs)
-    rebuild_layers(model, raw.get("quantization_config"), _weight_files(path), path / "config.json",
-                   torch.device(device))
-    _load_weights(model, path)
-    return model.to(device).eval()
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    return transformers.AutoTokenizer.from_pretrained(str(path))
-
-
 # --- saving -------------------------------------------------------------------------------------
 
 
@@ -308,7 +266,7 @@ def _patch_config(tmp: Path, model: nn.Module, base: str, layout: dict[str, Any]
     """Record the layout (and bnb quantization); point AutoModel* at the remote code when there are layers to
     rebuild."""
     config_path = tmp / "config.json"
-    config = _read_json(config_path)
+    config = read_json(config_path)
     config[BASE_KEY] = base
     config[LAYOUT_KEY] = layout
     config.pop(ATTRS_KEY, None)
@@ -338,9 +296,9 @@ def _auto_class(model: nn.Module, base: str) -> str:
 
 def _check_saved_keys(model: nn.Module, tmp: Path) -> None:
     """What was written must load back strictly: catch dropped tensors now, not at load time."""
-    saved = set(_read_tensor_meta(tmp))
-    _check_keys(model, saved, tmp)
-    _check_aliases(model, saved, tmp)
+    saved = set(read_tensor_meta(tmp))
+    check_keys(model, saved, tmp)
+    check_aliases(model, saved, tmp)
 
 
 def move_into_place(tmp: Path, out_dir: Path, overwrite: bool, aside: Path | None = None) -> None:
@@ -364,129 +322,3 @@ def move_into_place(tmp: Path, out_dir: Path, overwrite: bool, aside: Path | Non
         old.rename(out_dir)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-# --- loading ------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise LlmshrinkError(f"{path}: cannot read JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise LlmshrinkError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _build(base_cls: type, config: Any) -> nn.Module:
-    """Construct the base model empty (see lazy_load) in the saved dtype, skipping random init."""
-    dtype = getattr(config, "dtype", None) if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
-    dtype = dtype or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    try:
-        from transformers.initialization import no_init_weights  # transformers 5
-    except ImportError:
-        try:
-            from transformers.modeling_utils import no_init_weights  # transformers 4
-        except ImportError:
-            no_init_weights = nullcontext
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with no_init_weights(), meta_weights():
-            return base_cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _weight_files(path: Path) -> list[Path]:
-    if (path / WEIGHTS_FILE).is_file():
-        return [path / WEIGHTS_FILE]
-    if (path / WEIGHTS_INDEX).is_file():
-        shards = sorted(set(_read_json(path / WEIGHTS_INDEX).get("weight_map", {}).values()))
-        return [path / shard for shard in shards]
-    raise LlmshrinkError(f"{path}: no {WEIGHTS_FILE} (or {WEIGHTS_INDEX})")
-
-
-def _read_tensor_meta(path: Path) -> dict[str, tuple[list[int], str]]:
-    """{tensor name: (shape, dtype name)} from the safetensors headers, without reading the data."""
-    meta: dict[str, tuple[list[int], str]] = {}
-    for file in _weight_files(path):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    meta[key] = (handle.get_slice(key).get_shape(), handle.get_slice(key).get_dtype())
-        except Exception as err:  # safetensors raises its own error types for bad files
-            raise LlmshrinkError(f"{file}: cannot read safetensors: {err}") from None
-    return meta
-
-
-def _load_weights(model: nn.Module, path: Path) -> None:
-    """Load block by block; each (checked) file tensor becomes the parameter itself (assign): no copy.
-
-    Those tensors map the file and are read from it when first used (see lazy_load). Tensors already real
-    (bnb layers, rebuilt from the file) are copied into, as their classes need.
-    """
-    state = model.state_dict()
-    expected = {key: (tuple(t.shape), t.dtype) for key, t in state.items()}
-    empty = {key for key, t in state.items() if t.is_meta}
-    del state
-    _check_keys(model, _read_tensor_meta(path).keys(), path)
-    loaded: set[str] = set()
-    for file in _weight_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as lazy:
-            bad = first_nonfinite(file, lazy.keys())
-            if bad is not None:
-                raise LlmshrinkError(f"{file}: {bad}: contains NaN or inf")
-            for keys in _block_groups(lazy.keys()):
-                chunk = {key: _checked_tensor(lazy, key, expected[key], file) for key in keys}
-                assign = {key: t for key, t in chunk.items() if key in empty}
-                if assign:
-                    model.load_state_dict(assign, strict=False, assign=True)
-                if len(assign) < len(chunk):
-                    model.load_state_dict({k: t for k, t in chunk.items() if k not in empty}, strict=False)
-                loaded.update(chunk)
-    model.tie_weights()  # the assigned tensors replaced the (meta) ones the tied modules shared
-    _check_aliases(model, loaded, path)
-    check_materialised(model, path)
-
-
-def _block_groups(keys: Iterable[str]) -> list[list[str]]:
-    """Keys grouped by their numbered block ("model.layers.3."), the rest together: a module's keys
-    always share a group, as its load hooks need them together."""
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        block = re.match(r"(.*?\.\d+\.)", key)
-        groups.setdefault(block.group(1) if block else "", []).append(key)
-    return list(groups.values())
-
-
-def _checked_tensor(handle: Any, key: str, want: tuple[tuple[int, ...], torch.dtype], file: Path) -> torch.Tensor:
-    tensor = handle.get_tensor(key)
-    if (tuple(tensor.shape), tensor.dtype) != want:
-        raise LlmshrinkError(
-            f"{file}: {key}: saved {tuple(tensor.shape)} {tensor.dtype}, the rebuilt model expects {want[0]} {want[1]}"
-        )
-    return tensor
-
-
-def _check_keys(model: nn.Module, file_keys: Iterable[str], where: Path) -> None:
-    unexpected = sorted(set(file_keys) - set(model.state_dict()))
-    if unexpected:
-        raise LlmshrinkError(
-            f"{where}: {len(unexpected)} tensor(s) the rebuilt model does not have: {_first(unexpected)}"
-        )
-
-
-def _check_aliases(model: nn.Module, loaded: set[str], where: Path) -> None:
-    """Every tensor not in the file must be the very same tensor as one that is (tied weights)."""
-    state = model.state_dict(keep_vars=True)
-    loaded_ids = {id(state[key]) for key in loaded if key in state}
-    missing = sorted(key for key in state if key not in loaded and id(state[key]) not in loaded_ids)
-    if missing:
-        raise LlmshrinkError(f"{where}: {len(missing)} tensor(s) missing from the weights: {_first(missing)}")
-
-
-def _first(keys: list[str], count: int = 3) -> str:
-    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")

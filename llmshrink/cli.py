@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
+    if not debug:
+        from llmshrink.quiet import hide_library_deprecations
+
+        hide_library_deprecations()
     try:
         return args.run(args)
     except LlmshrinkError as err:
@@ -78,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("paths", nargs="+", help="checkpoint directories written by apply")
     compare.add_argument("-o", "--output", default=".", help="directory for comparison.md/.json and pareto.png")
     compare.add_argument("--metric", default="perplexity",
-                         help="y axis of the Pareto plot, e.g. perplexity or lm_eval/TASK/acc")
+                         help="y axis of the Pareto plot, e.g. perplexity (the dataset marked domain: out, if "
+                              "any), perplexity_by_dataset/NAME or lm_eval/TASK/acc")
     compare.add_argument("--no-base", action="store_true", help="leave the base model rows out")
     direction = compare.add_mutually_exclusive_group()
     direction.add_argument("--higher-is-better", dest="higher_better", action="store_const", const=True)
@@ -135,7 +140,8 @@ def _apply(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from llmshrink.checkpoint import MANIFEST_FILE, load_checkpoint, load_tokenizer
+    from llmshrink.checkpoint import MANIFEST_FILE
+    from llmshrink.checkpoint_load import load_checkpoint, load_tokenizer
     from llmshrink.eval.lm_eval_bridge import run_lm_eval
     from llmshrink.fileio import atomic_write_text
 

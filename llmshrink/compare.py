@@ -23,18 +23,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmshrink.compare_protocols import (
+    group_protocols,
+    out_of_domain,
+    protocol_text,
+    protocol_warnings,
+    protocols_of,
+)
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.report import METRIC_KEYS, MISSING, format_metric, protocol_line, ratio
-from llmshrink.fileio import atomic_save_png, atomic_write_text
+from llmshrink.eval.report import BY_DATASET, METRIC_KEYS, MISSING, format_metric, ratio
+from llmshrink.fileio import atomic_write_text
+from llmshrink.pareto_plot import X_KEY, save_pareto_png
 
 MANIFEST = "llmshrink.json"
-X_KEY = "size_bytes"
 MD_NAME, JSON_NAME, PNG_NAME = "comparison.md", "comparison.json", "pareto.png"
 
 # Measured anew on every run and noisy, so a base measured twice is expected to differ in these.
 _TIMING = re.compile(r"(tokens_per_s|_ms|_seconds|peak_ram)")
-# Protocol fields that describe the model measured, not how it was measured.
-_PROTOCOL_IGNORED = {"tied_embeddings"}
 
 # Direction of a metric, from the words of its last name part ("lm_eval/arc_easy/acc_norm,none" ->
 # "acc", "norm"; the ",filter" suffix of lm-eval is dropped). Any cost word -> lower is better; else
@@ -48,6 +53,8 @@ _SCORE_PREFIXES = ("acc", "rouge", "bleu", "pass@")
 
 def higher_is_better(metric: str) -> bool | None:
     """True for accuracy-like metrics, False for costs (perplexity, loss, time), None if unknown."""
+    if metric.startswith(f"{BY_DATASET}/"):
+        return False  # perplexity_by_dataset/NAME: the name says nothing
     leaf = metric.rsplit("/", 1)[-1].split(",", 1)[0].lower()
     if leaf.endswith("per_s"):
         return True  # a rate: tokens/s
@@ -198,43 +205,18 @@ def _base_rows(checkpoints: list[_Checkpoint], names: list[str]) -> tuple[list[R
     return rows, notes
 
 
-def _protocols(checkpoints: list[_Checkpoint], names: list[str]) -> dict[str, dict]:
-    """Each checkpoint's perplexity protocol as its manifest has it (none when it measured no perplexity)."""
-    protocols = {}
-    for c, name in zip(checkpoints, names, strict=True):
-        proto = (c.manifest.get("evaluation") or {}).get("perplexity")
-        if isinstance(proto, dict) and proto:
-            protocols[name] = proto
-    return protocols
-
-
-def _group_protocols(protocols: dict[str, dict]) -> list[tuple[dict, list[str]]]:
-    """(method, names) per distinct way of measuring; fields that describe the model are left out."""
-    groups: dict[str, tuple[dict, list[str]]] = {}
-    for name, proto in protocols.items():
-        method = {k: v for k, v in proto.items() if k not in _PROTOCOL_IGNORED}
-        groups.setdefault(json.dumps(method, sort_keys=True, default=str), (method, []))[1].append(name)
-    return list(groups.values())
-
-
-def _protocol_text(method: dict) -> str:
-    # report.protocol_line without its prefix and its tied-embeddings part (a property of each model)
-    text = protocol_line(method).removeprefix("Perplexity protocol: ")
-    return text.rsplit(", tied embeddings:", 1)[0]
-
-
-def _protocol_warnings(protocols: dict[str, dict]) -> list[str]:
-    """Warn when the checkpoints measured perplexity differently: their perplexities are not comparable."""
-    protos = [p for p, _ in _group_protocols(protocols)]
-    if len(protos) < 2:
-        return []
-    fields = sorted({k for p in protos for k in p if any(q.get(k) != p.get(k) for q in protos)})
-    return [f"the checkpoints measured perplexity with different protocols (differing: {', '.join(fields)}), "
-            "so their perplexities are not comparable; see 'Perplexity protocol' below."]
-
-
 def _metric_label(metric: str) -> str:
+    """The ratio column's name: ppl, ppl (NAME) for a named perplexity dataset, else the key."""
+    if metric.startswith(f"{BY_DATASET}/"):
+        return f"ppl ({metric.removeprefix(f'{BY_DATASET}/')})"
     return "ppl" if metric == "perplexity" else metric
+
+
+def _column(key: str) -> str:
+    """A value column's name: perplexity (NAME) for a named perplexity dataset, size (MB), else the key."""
+    if key.startswith(f"{BY_DATASET}/"):
+        return f"perplexity ({key.removeprefix(f'{BY_DATASET}/')})"
+    return "size (MB)" if key == X_KEY else key
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -256,11 +238,19 @@ def _ratio_cell(row: Row, key: str) -> str:
 _MAIN_COLUMNS = {"params", X_KEY, "perplexity", "decode_tokens_per_s", "compress_seconds"}
 
 
+def _perplexity_keys(rows: list[Row]) -> list[str]:
+    """A column per named perplexity dataset present; plain perplexity where a row has no names (or none has)."""
+    named = list(dict.fromkeys(k for r in rows for k in r.metrics if k.startswith(f"{BY_DATASET}/")))
+    unnamed = any("perplexity" in r.metrics and not any(k in r.metrics for k in named) for r in rows)
+    return (["perplexity"] if unnamed or not named else []) + named
+
+
 def _main_table(rows: list[Row], metric: str) -> str:
-    keys = ["perplexity"] + ([metric] if metric not in _MAIN_COLUMNS else [])
+    keys = _perplexity_keys(rows)
+    keys += [metric] if metric not in _MAIN_COLUMNS and metric not in keys else []
     header = ["name", "passes", "params", "size (MB)", "size ratio"]
     for key in keys:
-        header += [key, f"{_metric_label(key)} ratio"]
+        header += [_column(key), f"{_metric_label(key)} ratio"]
     header += ["decode tok/s", "speedup", "compress (s)", "Pareto"]
     body = []
     for row in rows:
@@ -276,13 +266,18 @@ def _main_table(rows: list[Row], metric: str) -> str:
 
 
 def _all_keys(rows: list[Row]) -> list[str]:
+    """The known metric keys present, the named perplexity datasets right after perplexity, then the rest."""
     present = {k for r in rows for k in r.metrics}
-    return [k for k in METRIC_KEYS if k in present] + sorted(present - set(METRIC_KEYS))
+    named = [k for k in _perplexity_keys(rows) if k != "perplexity"]
+    known: list[str] = []
+    for key in METRIC_KEYS:
+        known += ([key] if key in present else []) + (named if key == "perplexity" else [])
+    return known + sorted(present - set(known))
 
 
 def render_markdown(data: dict, rows: list[Row], png_name: str | None = PNG_NAME) -> str:
     """The text of comparison.md."""
-    metric = data["metric"]
+    metric = data.get("metric_label") or data["metric"]
     better = "higher" if data["higher_is_better"] else "lower"
     parts = ["# llmshrink comparison"]
     parts += [f"> **Warning:** {w}" for w in data["warnings"]]
@@ -290,64 +285,23 @@ def render_markdown(data: dict, rows: list[Row], png_name: str | None = PNG_NAME
         f"Pareto front on size on disk (smaller is better) and {metric} ({better} is better): a row marked "
         "**yes** is beaten on both by no other row. Ratios are each checkpoint's value / its base model's, "
         "measured in the same run; speedup is the decode tokens/s ratio.",
-        _main_table(rows, metric),
+        _main_table(rows, data["metric"]),
     ]
     if png_name:
         parts.append(f"![size on disk vs {metric}]({png_name})")
     keys = _all_keys(rows)
     every = [[r.name, r.kind, *(_cell(r, k) for k in keys)] for r in rows]
-    labels = ["size (MB)" if k == X_KEY else k for k in keys]
+    labels = [_column(k) for k in keys]
     parts += ["## All metrics", _md_table(["name", "kind", *labels], every)]
     if data["protocols"]:
-        lines = [f"- {', '.join(members)}: {_protocol_text(p)}"
-                 for p, members in _group_protocols(data["protocols"])]
+        lines = [f"- {', '.join(members)}: {protocol_text(p)}"
+                 for p, members in group_protocols(data["protocols"])]
         parts += ["## Perplexity protocol", "\n".join(lines)]
     if data["notes"]:
         parts += ["## Notes", "\n".join(f"- {n}" for n in data["notes"])]
     parts += ["## Checkpoints", "\n".join(f"- {r.name}: `{r.path}` (base {r.base_model})"
                                           for r in rows if r.kind == "checkpoint")]
     return "\n\n".join(parts) + "\n"
-
-
-def save_pareto_png(path: str | os.PathLike, rows: list[Row], metric: str, higher_better: bool) -> Path:
-    """Scatter size (MB) vs `metric`, labelled, base rows as stars, the Pareto front as a step line."""
-    # Figure + Agg canvas, not pyplot: no global state, no GUI backend (as in eval/plots.py).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    drawn = [r for r in rows if r.pareto is not None]  # pareto is None exactly when a coordinate is missing
-    for kind, style in (("checkpoint", {"marker": "o", "s": 40, "color": "C0"}),
-                        ("base", {"marker": "*", "s": 180, "color": "C3"})):
-        points = [r for r in drawn if r.kind == kind]
-        if points:
-            ax.scatter([r.metrics[X_KEY] / 1e6 for r in points], [r.metrics[metric] for r in points],
-                       label="base model" if kind == "base" else "checkpoint", zorder=3,
-                       edgecolors=["black" if r.pareto else "none" for r in points],
-                       **style)
-    front = sorted((r for r in drawn if r.pareto), key=lambda r: (r.metrics[X_KEY], r.metrics[metric]))
-    if len(front) > 1:
-        # post-steps: with a size budget between two front points, the better one reachable is the smaller's
-        ax.step([r.metrics[X_KEY] / 1e6 for r in front], [r.metrics[metric] for r in front], where="post",
-                color="C1", linewidth=1.5, label="Pareto front", zorder=2)
-    for r in drawn:
-        ax.annotate(r.name, (r.metrics[X_KEY] / 1e6, r.metrics[metric]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    if not higher_better and "perplexity" in metric and all(r.metrics[metric] > 0 for r in drawn):
-        from matplotlib.ticker import LogFormatter
-
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(LogFormatter())  # "60", not "6x10^1"; minor ticks labelled when few
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-    ax.margins(x=0.12)  # room for the labels of the outermost points
-    ax.set(xlabel="size on disk (MB)", ylabel=metric)
-    ax.set_title(f"size vs {metric} ({'higher' if higher_better else 'lower'} is better)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-
-    return atomic_save_png(fig, path)
 
 
 def _direction(metric: str, given: bool | None) -> bool:
@@ -373,8 +327,10 @@ def compare(
 ) -> dict:
     """Compare checkpoint dirs; write comparison.md, comparison.json and pareto.png into `output_dir`.
 
-    `metric`: a metrics key, nested ones as 'lm_eval/TASK/METRIC'. `higher_better`: None infers the
-    direction from the name (higher_is_better()). Returns the data written to comparison.json.
+    `metric`: a metrics key, nested ones as 'lm_eval/TASK/METRIC'; "perplexity" means the first dataset
+    a recipe marked `domain: out` where the checkpoints measured one ('perplexity_by_dataset/NAME'), else
+    the primary perplexity. `higher_better`: None infers the direction from the name (higher_is_better()).
+    Returns the data written to comparison.json.
     """
     if not paths:
         raise LlmshrinkError("compare: no checkpoint directories given; pass at least one")
@@ -400,6 +356,12 @@ def compare(
     if include_base:
         rows = base_rows + rows
     available = _all_keys(rows)
+    label = metric
+    out_name = out_of_domain([c.manifest for c in checkpoints]) if metric == "perplexity" else None
+    if out_name is not None and f"{BY_DATASET}/{out_name}" in available:
+        metric, label = f"{BY_DATASET}/{out_name}", f"perplexity ({out_name}, out-of-domain)"
+        log(f"metric: perplexity on {out_name}, the first dataset marked domain: out "
+            f"(--metric {BY_DATASET}/NAME picks another)")
     if metric not in available:
         raise LlmshrinkError(f"metric: {metric!r} is in no row's metrics; available: {', '.join(available)}")
     higher = _direction(metric, higher_better)
@@ -416,18 +378,18 @@ def compare(
     if len({r.base_model for r in rows}) > 1 and "perplexity" in metric:
         notes.append("the rows come from different base models; perplexity per token depends on the "
                      "tokenizer, so compare perplexities only between rows of one base model.")
-    protocols = _protocols(checkpoints, names)
-    warnings = _protocol_warnings(protocols)
+    protocols = protocols_of([c.manifest for c in checkpoints], names)
+    warnings = protocol_warnings(protocols)
 
     front = sorted((r for r in rows if r.pareto), key=lambda r: (r.metrics[X_KEY], r.metrics[metric]))
-    data = {"metric": metric, "higher_is_better": higher, "x": X_KEY, "pareto": [r.name for r in front],
+    data = {"metric": metric, "metric_label": label, "higher_is_better": higher, "x": X_KEY, "pareto": [r.name for r in front],
             "rows": [r.to_json() for r in rows], "warnings": warnings, "notes": notes, "protocols": protocols}
     out.mkdir(parents=True, exist_ok=True)
-    save_pareto_png(out / PNG_NAME, rows, metric, higher)
+    save_pareto_png(out / PNG_NAME, rows, metric, higher, label)
     atomic_write_text(out / JSON_NAME, json.dumps(data, indent=2) + "\n")
     atomic_write_text(out / MD_NAME, render_markdown(data, rows))
     for w in warnings:
         log(f"warning: {w}")
-    log(f"Pareto-optimal on size and {metric}: {', '.join(data['pareto'])}")
+    log(f"Pareto-optimal on size and {label}: {', '.join(data['pareto'])}")
     log(f"wrote {out / MD_NAME}, {out / JSON_NAME}, {out / PNG_NAME}")
     return data

@@ -13,8 +13,10 @@ from llmshrink.errors import LlmshrinkError, did_you_mean
 # name -> split -> file under llmshrink/data/
 BUILTIN_CORPORA: dict[str, dict[str, str]] = {
     "shakespeare": {"train": "shakespeare_train.txt", "test": "shakespeare_test.txt"},
+    # Out-of-domain evaluation only: modern expository English (Python 3.11 tutorial, HOWTOs, FAQ prose).
+    "python_docs": {"test": "python_docs_test.txt"},
 }
-# Recipes and datasets name the held-out split differently; both mean the held-out plays here.
+# Recipes and datasets name the held-out split differently; both mean the held-out text here.
 SPLIT_ALIASES: dict[str, str] = {"validation": "test"}
 
 

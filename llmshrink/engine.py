@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from llmshrink import __version__
-from llmshrink.checkpoint import load_checkpoint, move_into_place, write_checkpoint
+from llmshrink.checkpoint import move_into_place, write_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.distill.curves import save_training_curves
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.efficiency import dir_size
 from llmshrink.eval.evaluator import Evaluator
 from llmshrink.eval.report import format_table, write_report_md
+from llmshrink.eval.size import dir_size
 from llmshrink.fileio import atomic_write_text, make_readable
 from llmshrink.hub import model_card
 from llmshrink.passes.lora import load_adapter, lora_settings, merge_lora, save_adapter, unload_lora

@@ -1,9 +1,10 @@
 """The model card (README.md) written beside every checkpoint, in the Hugging Face hub's format.
 
 Reads the manifest that `apply` writes: name, description, license (optional), base_model {id, revision,
-license (optional)}, metrics {base: {...}, compressed: {...}} (keys as in eval/report.py), evaluation
-{perplexity: protocol} and passes [{pass, record}]. Optional task metrics, in both metrics.base and
-metrics.compressed, become card results too when present:
+license (optional)}, metrics {base: {...}, compressed: {...}} (keys as in eval/report.py; a recipe with several
+perplexity datasets adds perplexity_by_dataset, one row and one result each), evaluation {perplexity: protocol}
+and passes [{pass, record}]. Optional task metrics, in both metrics.base and metrics.compressed, become card
+results too when present:
 
     lm_eval     {task: {metric[,filter]: value}}   eval/lm_eval_bridge.py's results ("_stderr" entries skipped);
                                                     protocol in evaluation.lm_eval {tasks: {task: {num_fewshot,
@@ -25,7 +26,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from llmshrink.eval.report import GENERATION_METRICS, comparison_rows, protocol_line, task_metric_rows
+from llmshrink.eval import report
 
 # Only a hub id can go into the card's base_model field: not a local path (builtin: maps to its upstream).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -102,14 +103,20 @@ def eval_results(manifest: dict[str, Any], architecture: str | None = None) -> l
     task = _task(architecture or manifest.get("architecture"))[1]
     results: list[EvalResult] = []
     protocol = _dict(evaluation.get("perplexity"))
-    if _finite(compressed.get("perplexity")):
+    by_dataset = _dict(compressed.get(report.BY_DATASET))
+    datasets = _dict(protocol.get("datasets"))
+    # One result per named dataset (with its own protocol), else the one perplexity.
+    named = [(f"Perplexity ({name})", value, _dict(datasets.get(name))) for name, value in by_dataset.items()]
+    for metric_name, value, proto in named or [("Perplexity", compressed.get("perplexity"), protocol)]:
+        if not _finite(value):
+            continue
         results.append(EvalResult(
             task_type=task,
-            **_dataset(protocol, "evaluation text"),
+            **_dataset(proto, "evaluation text"),
             metric_type="perplexity",
-            metric_name="Perplexity",
-            metric_value=round(float(compressed["perplexity"]), 4),
-            metric_args={k: protocol[k] for k in ("window", "stride", "tokens", "bos") if k in protocol} or None,
+            metric_name=metric_name,
+            metric_value=round(float(value), 4),
+            metric_args={k: proto[k] for k in ("window", "stride", "tokens", "bos") if k in proto} or None,
         ))
     lm_eval_tasks = _dict(_dict(evaluation.get("lm_eval")).get("tasks"))
     for task_name, values in _dict(compressed.get("lm_eval")).items():
@@ -188,7 +195,7 @@ def _lm_eval_metrics(values: Any) -> dict[str, float]:
 
 
 def _generation_metrics(values: Any) -> dict[str, float]:
-    return {k: float(v) for k, v in _dict(values).items() if k in GENERATION_METRICS and _finite(v)}
+    return {k: float(v) for k, v in _dict(values).items() if k in report.GENERATION_METRICS and _finite(v)}
 
 
 def _number(value: Any) -> str:
@@ -200,15 +207,15 @@ def _number(value: Any) -> str:
 def _metrics_section(metrics: dict, protocol: dict | None) -> list[str]:
     if not metrics.get("compressed"):
         return []
-    rows = comparison_rows(metrics.get("base") or {}, metrics["compressed"])
+    rows = report.comparison_rows(metrics.get("base") or {}, metrics["compressed"])
     table = ["| metric | base | compressed | ratio |", "|---|---:|---:|---:|"]
     table += [f"| {' | '.join(row)} |" for row in rows]
-    return ["\n## Metrics\n", *table] + ([f"\n{protocol_line(protocol)}"] if protocol else [])
+    return ["\n## Metrics\n", *table] + [f"\n{line}" for line in (report.protocol_lines(protocol) if protocol else [])]
 
 
 def _task_metrics_section(metrics: dict) -> list[str]:
     """Base vs compressed for the optional lm_eval and generation metrics."""
-    rows = task_metric_rows(_dict(metrics.get("base")), _dict(metrics.get("compressed")))
+    rows = report.task_metric_rows(_dict(metrics.get("base")), _dict(metrics.get("compressed")))
     if not rows:
         return []
     table = ["| task metric | base | compressed | ratio |", "|---|---:|---:|---:|"]

@@ -12,6 +12,7 @@ once llmshrink is imported; every other message of those loggers still shows.
 from __future__ import annotations
 
 import logging
+import warnings
 
 # logger name -> start of the one message dropped
 DROPPED = {
@@ -35,3 +36,12 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) for f in logger.filters):
             logger.addFilter(_Drop(prefix))
+
+
+def hide_library_deprecations() -> None:
+    """Deprecation notices of torch, transformers and peft speak to the code that calls them (llmshrink's
+    maintainers, who see them in the tests), not to someone running a command; `--debug` keeps them."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # torch 2.13 deprecates its quantized tensors, which int8-dynamic layers (fbgemm) still need
+    warnings.filterwarnings("ignore", message=r"torch\.quantize_per_(tensor|channel)", category=UserWarning)

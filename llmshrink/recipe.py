@@ -19,10 +19,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from llmshrink.errors import RecipeError, did_you_mean
 from llmshrink.eval.specs import GenerationSpec, LmEvalSpec
@@ -32,11 +33,45 @@ from llmshrink.specs import DataSpec, ModelSpec, Spec
 
 
 class PerplexitySpec(Spec):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$",
+                             description="how reports name this dataset; defaults to the data source's name")
+    domain: Literal["in", "out"] = Field("in", description="out: a text the recovery never saw (compare plots it)")
     data: DataSpec = DataSpec(split="test")
     window: int = Field(512, ge=2, description="tokens the model sees at once")
     stride: int = Field(256, ge=1, description="new tokens scored per window")
     batch_size: int = Field(1, ge=1)
     add_bos: bool = Field(False, description="prepend the BOS token to every window")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_fits_window(cls, stride: int, info: ValidationInfo) -> int:
+        window = info.data.get("window")
+        if window is not None and stride > window:
+            raise PydanticCustomError("stride", "must be at most the window ({window})", {"window": window})
+        return stride
+
+    @property
+    def label(self) -> str:
+        """The name, else the data source's: builtin:shakespeare -> shakespeare, held/out.txt -> out."""
+        if self.name is not None:
+            return self.name
+        source = self.data.source.removeprefix("builtin:").rstrip("/")
+        path = Path(source)
+        stem = path.stem if path.suffix.lower() in LOCAL_DATA_SUFFIXES else path.name
+        return re.sub(r"[^\w.-]+", "-", stem).strip("-.") or "text"
+
+
+# Pydantic names the branch of the one-or-list union in error paths; _describe leaves these names out.
+_ONE, _LIST = "one perplexity spec", "list of perplexity specs"
+
+
+def _one_or_list(value: Any) -> str:
+    return _LIST if isinstance(value, list) else _ONE
+
+
+PerplexitySpecs = Annotated[
+    Annotated[PerplexitySpec, Tag(_ONE)] | Annotated[list[PerplexitySpec], Tag(_LIST)], Discriminator(_one_or_list)
+]
 
 
 class LatencySpec(Spec):
@@ -47,13 +82,35 @@ class LatencySpec(Spec):
 
 
 class EvaluateSpec(Spec):
-    perplexity: PerplexitySpec | None = PerplexitySpec()
+    perplexity: PerplexitySpecs | None = Field(
+        PerplexitySpec(), description="one spec, or a list of named ones: the first is the primary one"
+    )
     latency: LatencySpec | None = LatencySpec()
     generation: GenerationSpec | None = Field(None, description="greedy generation scored with ROUGE/BLEU/METEOR")
     lm_eval: LmEvalSpec | None = Field(None, description="lm-eval tasks (registry names or llmshrink/evals/ YAMLs)")
     macs: bool = Field(True, description="MACs per token (prefill and decode), counted from the modules")
     memory: bool = Field(True, description="peak RAM while loading and generating, each in a fresh process")
     after_each_stage: bool = Field(True, description="perplexity after every stage, not only at the end")
+
+    @field_validator("perplexity")
+    @classmethod
+    def _unique_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            seen: dict[str, int] = {}
+            for index, spec in enumerate(value):
+                if spec.label in seen:
+                    raise PydanticCustomError(
+                        "duplicate_name", "duplicate name '{name}' (also evaluate.perplexity[{first}]); each "
+                        "dataset needs its own name", {"name": spec.label, "first": seen[spec.label], "index": index})
+                seen[spec.label] = index
+        return value
+
+    @property
+    def perplexity_specs(self) -> list[PerplexitySpec]:
+        """The perplexity datasets, the primary one first; [] when perplexity is off."""
+        if self.perplexity is None:
+            return []
+        return list(self.perplexity) if isinstance(self.perplexity, list) else [self.perplexity]
 
 
 class OutputSpec(Spec):
@@ -103,7 +160,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     if not path.is_file():
         raise RecipeError(file, "", "no such recipe file")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(file, "", f"not a YAML text file (not UTF-8: {err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise RecipeError(file, "", f"cannot read: {err.strerror}") from None
+    try:
+        raw = yaml.load(source, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "YAML"
@@ -118,7 +181,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
         raise RecipeError(file, *_describe(err, Recipe, prefix="")) from None
     stages = [parse_stage(item, file, f"stages[{i}]") for i, item in enumerate(recipe.stages)]
     check_local_files(recipe, file)
-    text = yaml.safe_dump(raw, sort_keys=False) if overrides else path.read_text()
+    text = yaml.safe_dump(raw, sort_keys=False) if overrides else source
     return LoadedRecipe(recipe, stages, path, text)
 
 
@@ -130,8 +193,9 @@ def check_local_files(recipe: Recipe, file: str) -> None:
     """The files and built-in names the recipe reads exist now, rather than after the model has loaded
     and a stage has run. Relative paths resolve against the current directory, as `apply` reads them."""
     sources = [("data", recipe.data)]
-    if recipe.evaluate.perplexity is not None:
-        sources.append(("evaluate.perplexity.data", recipe.evaluate.perplexity.data))
+    listed = isinstance(recipe.evaluate.perplexity, list)
+    for index, spec in enumerate(recipe.evaluate.perplexity_specs):
+        sources.append((f"evaluate.perplexity{f'[{index}]' if listed else ''}.data", spec.data))
     for field, spec in sources:
         if spec is not None:
             _check_data_source(spec, file, field)
@@ -236,11 +300,13 @@ def _override_value(item: str, value: str, file: str) -> Any:
 def _describe(err: ValidationError, model: type[BaseModel], prefix: str) -> tuple[str, str]:
     """(field path, message) for the first pydantic error, in the project's one-line style."""
     first = err.errors()[0]
-    loc = list(first["loc"])
+    loc = [part for part in first["loc"] if part not in (_ONE, _LIST)]
     field = prefix
     for part in loc:
         field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
     value = first.get("input")
+    if first["type"] == "duplicate_name":
+        return f"{field}[{first['ctx']['index']}].name", first["msg"]
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, loc[:-1])
         return field, f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"

@@ -24,13 +24,8 @@ from transformers import (
 
 import llmshrink
 import llmshrink.checkpoint as ckpt
-from llmshrink.checkpoint import (
-    apply_layout,
-    compressed_layout,
-    load_checkpoint,
-    load_tokenizer,
-    save_checkpoint,
-)
+from llmshrink.checkpoint import apply_layout, compressed_layout, save_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint, load_tokenizer
 from llmshrink.errors import LlmshrinkError
 from llmshrink.hub import model_card
 from llmshrink.modules import KroneckerLinear

@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import llmshrink.checkpoint as ckpt
-from llmshrink.checkpoint import load_checkpoint
+import llmshrink.checkpoint_load as ckpt_load
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.errors import LlmshrinkError
 from llmshrink.lazy_load import check_materialised
 from llmshrink.modules import KroneckerLinear
@@ -89,7 +89,7 @@ def test_tensor_left_on_meta_is_one_line(tmp_path, monkeypatch):
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LlmshrinkError, match="missing from the weights: model.norm.weight"):
         load_checkpoint(out)
-    monkeypatch.setattr(ckpt, "_check_aliases", lambda *args: None)  # the last line of defence alone
+    monkeypatch.setattr(ckpt_load, "check_aliases", lambda *args: None)  # the last line of defence alone
     with pytest.raises(LlmshrinkError) as info:
         load_checkpoint(out)
     assert "\n" not in str(info.value)
@@ -102,7 +102,7 @@ PROBE = r"""
 import json, resource, sys
 import psutil, torch
 from transformers.models.llama import modeling_llama  # noqa: F401  (its import is not the load)
-from llmshrink.checkpoint import load_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 before = psutil.Process().memory_info().rss
 peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = load_checkpoint(sys.argv[1])

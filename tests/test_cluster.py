@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmshrink
-from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+from llmshrink.checkpoint import save_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.decompose.kmeans import initial_centroids, kmeans_1d
 from llmshrink.errors import LlmshrinkError

@@ -70,7 +70,7 @@ def test_pareto_flags_by_hand():
     ("lm_eval/hellaswag/acc_stderr,none", False), ("decode_tokens_per_s", True),
     ("lm_eval/hellaswag/acc_norm,none", True), ("lm_eval/gsm8k/exact_match,strict-match", True),
     ("generation/rougeLsum", True), ("generation/bleu", True), ("generation/length", None),
-    ("macs_per_token", False),
+    ("macs_per_token", False), ("perplexity_by_dataset/python_docs", False),
 ])
 def test_direction_rule(metric, expected):
     assert higher_is_better(metric) is expected

@@ -1,5 +1,7 @@
-"""Hidden-state and attention distillation: the losses against hand-computed values, the layer map,
-and the distill pass with those terms (identical models, a deeper teacher, a wider teacher)."""
+"""Distillation losses beyond the forward-KL logit term: the KD divergences (reverse KL, JSD, skew
+KL / reverse KL) and the hidden-state and attention losses against hand-computed values, the layer
+map, and the distill pass with those terms (each divergence, identical models, a deeper teacher, a
+wider teacher)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,21 @@ from conftest import tiny_gpt2, tiny_tokenizer
 import llmshrink.passes.distill as distill_pass
 from llmshrink.context import Context
 from llmshrink.distill.data import pack
-from llmshrink.distill.losses import attention_kl_loss, hidden_cosine_loss, hidden_mse_loss, layer_map
+from llmshrink.distill.losses import (
+    DIVERGENCES,
+    attention_kl_loss,
+    distill_loss,
+    forward_kl,
+    hidden_cosine_loss,
+    hidden_mse_loss,
+    jsd,
+    kd_divergence,
+    kd_kl_loss,
+    layer_map,
+    reverse_kl,
+    skew_kl,
+    skew_rkl,
+)
 from llmshrink.distill.trainer import FrozenTeacher, train
 from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.distill import ProjectedStudent, feature_kd_loss, logit_kd_loss
@@ -27,6 +43,130 @@ KL_B = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
 
 
 # --- losses -------------------------------------------------------------------------------------
+
+
+# Two counted tokens over a 3-word vocabulary, p = teacher, q = student, and a third, masked token.
+P = [[0.5, 0.25, 0.25], [0.7, 0.2, 0.1]]
+Q = [[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]]
+T = 2.0
+
+
+def kl(a, b):
+    return sum(x * math.log(x / y) for x, y in zip(a, b, strict=True))
+
+
+def mix(a, b, w):
+    return [w * x + (1 - w) * y for x, y in zip(a, b, strict=True)]
+
+
+def by_hand(per_token):
+    """T² times the mean over the two counted tokens of per_token(p, q), in plain floats."""
+    return T**2 * sum(per_token(p, q) for p, q in zip(P, Q, strict=True)) / len(P)
+
+
+def tiny_logits(masked_row=(0.0, 0.0, 0.0)):
+    """Logits whose softmax at T is P / Q (T·log prob, shifted by a constant), plus a masked third token."""
+    teacher = [[T * math.log(x) + 1.0 for x in row] for row in P] + [list(masked_row)]
+    student = [[T * math.log(x) - 3.0 for x in row] for row in Q] + [[5.0, -5.0, 0.0]]
+    return torch.tensor([student]), torch.tensor([teacher]), torch.tensor([[1, 1, 0]])
+
+
+def call(name, student, teacher, temperature, mask=None, weight=None):
+    fn = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl, "skew_rkl": skew_rkl}
+    kwargs = {} if weight is None else {"beta" if name == "jsd" else "skew": weight}
+    return fn[name](student, teacher, temperature, mask, **kwargs)
+
+
+# Non-default, unequal weights, so a swapped p / q or w / 1-w shows.
+@pytest.mark.parametrize("name, weight, per_token", [
+    ("forward_kl", None, lambda p, q: kl(p, q)),
+    ("reverse_kl", None, lambda p, q: kl(q, p)),
+    ("jsd", 0.3, lambda p, q: 0.3 * kl(p, mix(p, q, 0.3)) + 0.7 * kl(q, mix(p, q, 0.3))),
+    ("jsd", None, lambda p, q: 0.5 * kl(p, mix(p, q, 0.5)) + 0.5 * kl(q, mix(p, q, 0.5))),
+    ("skew_kl", 0.25, lambda p, q: kl(p, mix(p, q, 0.25))),
+    ("skew_kl", None, lambda p, q: kl(p, mix(p, q, 0.1))),
+    ("skew_rkl", 0.25, lambda p, q: kl(q, mix(p, q, 0.75))),
+    ("skew_rkl", None, lambda p, q: kl(q, mix(p, q, 0.9))),
+])
+def test_divergence_hand_value_at_temperature_with_a_masked_token(name, weight, per_token):
+    student, teacher, mask = tiny_logits()
+    expected = by_hand(per_token)
+    assert call(name, student, teacher, T, mask, weight).item() == pytest.approx(expected, rel=1e-5)
+    # The masked token's logits change nothing, and get no gradient.
+    student, teacher, mask = tiny_logits(masked_row=(40.0, -7.0, 3.0))
+    student.requires_grad_(True)
+    value = call(name, student, teacher, T, mask, weight)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    value.backward()
+    assert torch.all(student.grad[0, 2] == 0) and torch.any(student.grad[0, :2] != 0)
+    # kd_divergence picks the same function and weight by name.
+    extra = {} if weight is None else {"jsd_beta" if name == "jsd" else "skew": weight}
+    assert kd_divergence(name, student, teacher, T, mask, **extra).item() == value.item()
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_divergence_is_zero_for_identical_logits(name):
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0)) * 3
+    assert kd_divergence(name, logits, logits.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_divergence(name, logits, logits.flip(-1), 2.0).item() > 0.01
+
+
+def test_forward_kl_is_todays_kd_term():
+    s, t = torch.randn(2, 2, 6, 13, generator=torch.Generator().manual_seed(1)).unbind(0)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 0], [1, 0, 1, 1, 1, 1]])
+    # The formula kd_kl_loss had before the other divergences existed, verbatim.
+    log_q, log_p = torch.log_softmax(s / 2.0, -1), torch.log_softmax(t / 2.0, -1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    before = (per_token * mask).sum() / mask.sum() * 4.0
+    assert forward_kl is kd_kl_loss and torch.equal(forward_kl(s, t, 2.0, mask), before)
+    ids = torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(2))
+    default, _ = distill_loss(s, t, ids, 0.7, 2.0)
+    named, _ = distill_loss(s, t, ids, 0.7, 2.0, loss="forward_kl", skew=0.5, jsd_beta=0.2)
+    assert torch.equal(default, named)
+
+
+def test_divergence_relations():
+    s, t = torch.randn(2, 3, 4, 7, generator=torch.Generator().manual_seed(3)).unbind(0)
+    approx = lambda x: pytest.approx(x.item(), rel=1e-5)  # noqa: E731
+    assert reverse_kl(s, t, 2.0).item() == approx(forward_kl(t, s, 2.0))
+    assert jsd(s, t, 2.0).item() == approx(jsd(t, s, 2.0))  # symmetric at beta = 1/2
+    assert jsd(s, t, 2.0, beta=0.2).item() == approx(jsd(t, s, 2.0, beta=0.8))
+    # Small beta: JSD / beta -> forward KL; small skew: skew KL -> KL, skew reverse KL -> reverse KL.
+    assert jsd(s, t, 1.0, beta=1e-3).item() / 1e-3 == pytest.approx(forward_kl(s, t, 1.0).item(), rel=1e-2)
+    assert skew_kl(s, t, 1.0, skew=1e-6).item() == pytest.approx(forward_kl(s, t, 1.0).item(), rel=1e-4)
+    assert skew_rkl(s, t, 1.0, skew=1e-6).item() == pytest.approx(reverse_kl(s, t, 1.0).item(), rel=1e-4)
+    # Mixing in more of p (skew up) shrinks skew KL monotonically towards 0.
+    values = [skew_kl(s, t, 1.0, skew=a).item() for a in (0.05, 0.1, 0.5, 0.9, 1 - 1e-6)]
+    assert values == sorted(values, reverse=True) and values[-1] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_divergences_stay_finite_and_bounded_for_opposite_one_hot_predictions():
+    # p puts all mass on word 0, q on word 1 (tails e^-60): KL is ~60, the mixtures hit their bounds.
+    teacher = torch.tensor([[[30.0, -30.0, -30.0]]])
+    student = torch.tensor([[[-30.0, 30.0, -30.0]]], requires_grad=True)
+    entropy = lambda b: -b * math.log(b) - (1 - b) * math.log(1 - b)  # noqa: E731
+    for value, bound in ((skew_kl(student, teacher, skew=0.1), -math.log(0.1)),
+                         (skew_rkl(student, teacher, skew=0.2), -math.log(0.2)),
+                         (jsd(student, teacher, beta=0.3), entropy(0.3))):
+        assert value.item() == pytest.approx(bound, rel=1e-4)
+        (grad,) = torch.autograd.grad(value, student)
+        assert torch.isfinite(grad).all()
+    assert forward_kl(student, teacher).item() == pytest.approx(60.0, rel=1e-3)
+
+
+def test_divergence_argument_errors():
+    s = t = torch.zeros(1, 2, 3)
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match=r"skew must be in \(0, 1\)"):
+            skew_kl(s, t, skew=bad)
+        with pytest.raises(ValueError, match=r"jsd beta must be in \(0, 1\)"):
+            jsd(s, t, beta=bad)
+    with pytest.raises(ValueError, match="unknown distillation loss 'kl'"):
+        kd_divergence("kl", s, t)
+    with pytest.raises(LlmshrinkError, match="share the student's tokenizer"):
+        reverse_kl(s, torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        skew_rkl(s, t, 0.0)
 
 
 def test_hidden_mse_loss_hand_value_and_mask():
@@ -131,6 +271,17 @@ def test_zero_feature_weights_are_the_logit_loss():
     assert loss.item() == ref.item() and parts.keys() == ref_parts.keys() == {"kd", "ce", "loss"}
 
 
+def test_feature_loss_uses_the_chosen_divergence():
+    student, teacher = tiny_gpt2(seed=1), FrozenTeacher(tiny_gpt2(seed=2))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, parts = feature_kd_loss(1.0, 2.0, layer_map(2, 2), hidden_weight=1.0, loss="jsd", jsd_beta=0.3)(
+        student, teacher, ids)
+    with torch.no_grad():
+        _, ref = distill_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits, ids, 1.0, 2.0,
+                              loss="jsd", jsd_beta=0.3)
+    assert parts["kd"].item() == pytest.approx(ref["kd"].item(), rel=1e-6)
+
+
 # --- the pass -----------------------------------------------------------------------------------
 
 
@@ -150,6 +301,16 @@ def test_distill_pass_with_zero_feature_weights_trains_as_before(tiny_text):
                 teacher=gpt2(2, sharp=True))
     assert (record["first_loss"], record["last_loss"]) == (ref.first_loss, ref.last_loss)
     assert record["final_parts"].keys() == {"kd", "ce", "loss"} and "layer_map" not in record
+
+
+@pytest.mark.parametrize("loss", DIVERGENCES)
+def test_distill_pass_lowers_each_divergence(tiny_text, loss):
+    spec = get_pass("distill")
+    cfg = spec.config_cls(steps=12, seq_len=32, lr=3e-3, warmup_steps=1, alpha=1.0, temperature=2.0, loss=loss)
+    record = spec.apply(tiny_gpt2(seed=1), cfg, make_ctx(tiny_text, gpt2(2, sharp=True)))
+    assert record["loss"] == loss and ("skew" in record) == loss.startswith("skew") and ("jsd_beta" in record) == (
+        loss == "jsd")
+    assert record["last_loss"] < 0.8 * record["first_loss"], record["curve"]  # each falls ~30% here
 
 
 def test_distill_pass_hidden_and_attention_terms_with_a_deeper_teacher(tiny_text):

@@ -13,17 +13,11 @@ from conftest import save_tiny, tiny_gpt2, tiny_llama
 from torch import nn
 
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.efficiency import (
-    count_macs,
-    count_params,
-    macs_per_decode_token,
-    macs_per_token,
-    measure_latency,
-    measure_memory,
-    peak_rss_mb,
-    safetensors_bytes,
-)
+from llmshrink.eval.latency import measure_latency
+from llmshrink.eval.macs import count_macs, macs_per_decode_token, macs_per_token
+from llmshrink.eval.memory import measure_memory, peak_rss_mb
 from llmshrink.eval.report import comparison_rows
+from llmshrink.eval.size import count_params, safetensors_bytes
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear
 from llmshrink.modules.kronecker import KroneckerLinear
 from llmshrink.modules.low_rank import LowRankLinear

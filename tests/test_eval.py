@@ -13,19 +13,11 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.efficiency import (
-    count_bytes,
-    count_params,
-    dir_size,
-    has_tied_embeddings,
-    load_time,
-    measure_latency,
-    peak_rss_mb,
-    safetensors_bytes,
-    timed,
-)
+from llmshrink.eval.latency import load_time, measure_latency, timed
+from llmshrink.eval.memory import peak_rss_mb
 from llmshrink.eval.perplexity import perplexity
 from llmshrink.eval.report import comparison_rows, format_table, protocol_line, write_report_md
+from llmshrink.eval.size import count_bytes, count_params, dir_size, has_tied_embeddings, safetensors_bytes
 from llmshrink.modules.clustered import ClusteredLinear
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear
 from llmshrink.modules.kronecker import KroneckerLinear

@@ -30,3 +30,23 @@ def test_tied_embeddings_are_recorded_per_measured_model(tiny_text):
     assert "- tied embeddings: compressed no, base yes" in report
     # Manifests from before: one value for both models.
     assert protocol_line({**protocol, "tied_embeddings": True}).endswith("tied embeddings: yes")
+
+
+def test_several_datasets_primary_first_and_each_protocol(tiny_text):
+    spec = {"data": {"source": str(tiny_text), "max_tokens": 100}, "window": 16, "stride": 8}
+    recipe = Recipe.model_validate({
+        "name": "t", "output": {"dir": "unused"},
+        "evaluate": {"perplexity": [{**spec, "name": "a"}, {**spec, "name": "b", "domain": "out", "window": 8}],
+                     "latency": None, "macs": False, "memory": False},
+    })
+    evaluator = Evaluator(recipe, tiny_tokenizer(), torch.device("cpu"))
+    assert list(evaluator.dataset_ids) == ["a", "b"]  # loaded once, by name
+    model = tiny_llama()
+    primary = evaluator.perplexity(model)  # what stage rows and ctx.evaluate get
+    metrics = evaluator.measure(model, "base", print)
+    assert metrics["perplexity"] == primary == metrics["perplexity_by_dataset"]["a"]
+    assert list(metrics["perplexity_by_dataset"]) == ["a", "b"] and metrics["perplexity_by_dataset"]["b"] != primary
+    protocol = evaluator.protocol
+    assert protocol["window"] == 16 and "domain" not in protocol  # the primary's fields, as with one dataset
+    assert {n: (p["window"], p["domain"]) for n, p in protocol["datasets"].items()} == {"a": (16, "in"),
+                                                                                       "b": (8, "out")}

@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import llmshrink
-from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+from llmshrink.checkpoint import save_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.modules import int8_dynamic
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear
 from llmshrink.targeting import replace_module

@@ -15,7 +15,7 @@ import torch
 from conftest import quiet_ctx, save_tiny, tiny_gpt2, tiny_llama, tiny_tokenizer
 from pydantic import ValidationError
 
-from llmshrink.checkpoint import load_checkpoint, load_tokenizer
+from llmshrink.checkpoint_load import load_checkpoint, load_tokenizer
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.lm_eval_bridge import LmEvalSpec, _compact, evals_dir, local_tasks, run_lm_eval
 from llmshrink.passes.low_rank import LowRankConfig, apply

@@ -14,7 +14,8 @@ from peft.tuners.lora.layer import LoraLayer
 from pydantic import ValidationError
 from torch import nn
 
-from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+from llmshrink.checkpoint import save_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.clustered import ClusteredLinear

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from llmshrink.checkpoint import load_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.cli import main
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64]])

@@ -14,7 +14,8 @@ from conftest import WITHOUT_LLMSHRINK, n_params, tiny_bert, tiny_gpt2, tiny_lla
 from torch import nn
 
 import llmshrink
-from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+from llmshrink.checkpoint import save_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError, RecipeError
 from llmshrink.modules.low_rank import LowRankLinear, dense_weight

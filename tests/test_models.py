@@ -318,4 +318,4 @@ def test_builtin_corpus_errors():
         builtin_text("shakespeare", "dev")
     with pytest.raises(LlmshrinkError, match=r"did you mean builtin:shakespeare\?"):
         builtin_text("builtin:shakespear", "train")
-    assert set(BUILTIN_CORPORA) == {"shakespeare"}
+    assert set(BUILTIN_CORPORA) == {"shakespeare", "python_docs"}

@@ -25,9 +25,12 @@ def test_offline_recipe_short_run_reloads_exactly(tmp_path):
         "--set", "stages.1.distill.steps=2",
         "--set", "stages.1.distill.batch_size=1",
         "--set", "stages.1.distill.seq_len=64",
-        "--set", "evaluate.perplexity.data.max_tokens=300",
-        "--set", "evaluate.perplexity.window=128",
-        "--set", "evaluate.perplexity.stride=64",
+        "--set", "evaluate.perplexity.0.data.max_tokens=300",
+        "--set", "evaluate.perplexity.0.window=128",
+        "--set", "evaluate.perplexity.0.stride=64",
+        "--set", "evaluate.perplexity.1.data.max_tokens=300",
+        "--set", "evaluate.perplexity.1.window=128",
+        "--set", "evaluate.perplexity.1.stride=64",
         "--set", "evaluate.latency.repeats=1",
     ])
     assert code == 0
@@ -42,6 +45,8 @@ def test_offline_recipe_short_run_reloads_exactly(tmp_path):
     assert manifest["base_model"]["tie_word_embeddings"] is True
     assert manifest["checks"]["reload_max_abs_logit_diff"] == 0.0
     assert 1.0 < base["perplexity"] < 200.0
+    assert list(base["perplexity_by_dataset"]) == ["shakespeare", "python_docs"]
+    assert base["perplexity_by_dataset"]["shakespeare"] == base["perplexity"]
 
     model = llmshrink.load(out)
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from torch import nn
 
 import llmshrink
-from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+from llmshrink.checkpoint import save_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.sparse import SparseLinear, pack_mask, unpack_mask

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import calibrated, tiny_gpt2, tiny_llama, tiny_tokenizer
 
-from llmshrink.checkpoint import load_checkpoint, save_checkpoint
+from llmshrink.checkpoint import save_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules import int8_dynamic
 from llmshrink.modules.fake_quant import FakeQuantLinear, round_activations, round_weight

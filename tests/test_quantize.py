@@ -7,7 +7,7 @@ import torch
 from conftest import quiet_ctx, relative, save_tiny, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
-from llmshrink.checkpoint import load_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear
 from llmshrink.modules.low_rank import LowRankLinear

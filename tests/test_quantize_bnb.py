@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import llmshrink
-from llmshrink.checkpoint import load_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.low_rank import LowRankLinear
 from llmshrink.modules.pruned import PrunedLinear

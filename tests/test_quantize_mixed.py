@@ -19,7 +19,7 @@ from conftest import WITHOUT_LLMSHRINK, calibrated, relative, save_tiny, tiny_gp
 from torch import nn
 
 import llmshrink
-from llmshrink.checkpoint import load_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.perplexity import perplexity

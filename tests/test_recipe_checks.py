@@ -110,7 +110,7 @@ def test_hub_ids_and_builtin_names(in_tmp):
     assert load(BASE + "data: {source: wikitext, config: wikitext-103-raw-v1}\n").recipe.data.source == "wikitext"
     assert error_of(BASE + "data: {source: 'builtin:shakespear'}\n") == (
         "recipe.yaml: data.source: unknown built-in corpus 'builtin:shakespear' (did you mean builtin:shakespeare?); "
-        "known: builtin:shakespeare")
+        "known: builtin:shakespeare, builtin:python_docs")
     assert error_of(BASE + "data: {source: 'builtin:shakespeare', split: dev}\n") == \
         "recipe.yaml: data.split: builtin:shakespeare has no split 'dev'; allowed: train, test, validation"
 
@@ -158,3 +158,56 @@ def test_set_with_bad_yaml_is_one_line(in_tmp):
         "recipe.yaml: --set name=[unclosed: the value is not valid YAML: expected ',' or ']', but got '<stream end>'"
     assert error_of(BASE, ["stages.1.distill.steps=true"]) == \
         "recipe.yaml: stages[1].distill.steps: input should be a valid integer, got True"
+
+
+def test_distill_loss_choice_and_its_weights(in_tmp):
+    distill = load(BASE.replace("steps: 2", "steps: 2, loss: reverse_kl")).stages[1].config
+    assert (distill.loss, distill.skew, distill.jsd_beta) == ("reverse_kl", 0.1, 0.5)
+    assert load(BASE).stages[1].config.loss == "forward_kl"  # the default keeps every recipe's numbers
+    assert load(BASE.replace("steps: 2", "steps: 2, loss: skew_rkl, skew: 0.3")).stages[1].config.skew == 0.3
+    assert error_of(BASE.replace("steps: 2", "steps: 2, loss: kl")) == (
+        "recipe.yaml: stages[1].distill.loss: input should be 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl' or "
+        "'skew_rkl', got 'kl'")
+    assert error_of(BASE.replace("steps: 2", "steps: 2, loss: skew_kl, skew: 1")) == (
+        "recipe.yaml: stages[1].distill.skew: input should be less than 1, got 1")
+    assert error_of(BASE.replace("steps: 2", "steps: 2, loss: jsd, jsd_beta: 0")) == (
+        "recipe.yaml: stages[1].distill.jsd_beta: input should be greater than 0, got 0")
+
+
+def test_perplexity_stride_must_fit_the_window(in_tmp):
+    text = BASE + "evaluate: {perplexity: {window: 32, stride: 256}}\n"
+    assert error_of(text) == "recipe.yaml: evaluate.perplexity.stride: must be at most the window (32), got 256"
+    assert load(BASE + "evaluate: {perplexity: {window: 32, stride: 32}}\n").recipe.evaluate.perplexity.stride == 32
+
+
+TWO = """\
+evaluate:
+  perplexity:
+    - {name: plays, data: {source: builtin:shakespeare, split: test}, window: 32, stride: 16}
+    - {name: docs, domain: out, data: {source: builtin:python_docs, split: test}, window: 64, stride: 64}
+"""
+
+
+def test_perplexity_takes_a_list_of_named_datasets(in_tmp):
+    specs = load(BASE + TWO).recipe.evaluate.perplexity_specs
+    assert [(s.label, s.domain, s.window) for s in specs] == [("plays", "in", 32), ("docs", "out", 64)]
+    # One spec as before: named after its data source.
+    (one,) = load(BASE + "evaluate: {perplexity: {data: {source: builtin:python_docs, split: test}}}\n") \
+        .recipe.evaluate.perplexity_specs
+    assert (one.label, one.domain) == ("python_docs", "in")
+    assert error_of(BASE + TWO.replace("name: docs", "name: plays")) == (
+        "recipe.yaml: evaluate.perplexity[1].name: duplicate name 'plays' (also evaluate.perplexity[0]); each "
+        "dataset needs its own name")
+    # Unnamed items default to their source's name, so two unnamed Shakespeare specs clash too.
+    assert error_of(BASE + "evaluate: {perplexity: [{window: 32}, {window: 64}]}\n") == (
+        "recipe.yaml: evaluate.perplexity[1].name: duplicate name 'shakespeare' (also evaluate.perplexity[0]); "
+        "each dataset needs its own name")
+    assert error_of(BASE + TWO.replace("window: 64, stride: 64", "window: 64, stride: 65")) == (
+        "recipe.yaml: evaluate.perplexity[1].stride: must be at most the window (64), got 65")
+    assert error_of(BASE + TWO.replace("domain: out", "domain: outside")) == (
+        "recipe.yaml: evaluate.perplexity[1].domain: input should be 'in' or 'out', got 'outside'")
+    assert error_of(BASE + TWO.replace("split: test}, window: 64", "split: train}, window: 64")) == (
+        "recipe.yaml: evaluate.perplexity[1].data.split: builtin:python_docs has no split 'train'; allowed: test, "
+        "validation")
+    assert error_of(BASE + TWO, ["evaluate.perplexity.1.window=8"]) == (
+        "recipe.yaml: evaluate.perplexity[1].stride: must be at most the window (8), got 64")

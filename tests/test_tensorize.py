@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import llmshrink
-from llmshrink.checkpoint import compressed_layout, load_checkpoint, save_checkpoint
+from llmshrink.checkpoint import compressed_layout, save_checkpoint
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.decompose.tensor_factor import balanced_factors, choose_ranks, decompose
 from llmshrink.errors import LlmshrinkError

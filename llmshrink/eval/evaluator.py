@@ -16,10 +16,14 @@ class Evaluator:
 
         self.spec, self.tokenizer, self.device = recipe.evaluate, tokenizer, device
         self.vocab_size = len(tokenizer)
-        ppl = self.spec.perplexity
-        self.has_perplexity = ppl is not None
-        self.ids = token_ids(ppl.data, tokenizer) if ppl is not None else None
-        self._perplexity: dict = {}  # the protocol's shared fields (data, window, ...), see `protocol`
+        self.specs = self.spec.perplexity_specs  # the primary dataset first
+        self.has_perplexity = bool(self.specs)
+        # By name, loaded once; several datasets add perplexity_by_dataset and the protocol of each.
+        self.dataset_ids = {spec.label: token_ids(spec.data, tokenizer) for spec in self.specs}
+        self.named = len(self.specs) > 1
+        self.ids = self.dataset_ids[self.specs[0].label] if self.specs else None
+        self._perplexity: dict = {}  # the primary protocol's shared fields (data, window, ...), see `protocol`
+        self._datasets: dict[str, dict] = {}  # every dataset's protocol, by name
         self.tied: dict[str, bool] = {}  # per measured model ("base", "compressed"): embeddings tied?
         self.protocols: dict = {}  # the other measurements: macs, memory, lm_eval, generation
 
@@ -29,35 +33,52 @@ class Evaluator:
         differs between them (tied embeddings: an `untie` stage unties the compressed model only)."""
         if not self._perplexity:
             return {}
-        return {**self._perplexity, "tied_embeddings": dict(self.tied)}
+        protocol = {**self._perplexity, "tied_embeddings": dict(self.tied)}
+        if self.named:
+            protocol["datasets"] = {spec.label: self._datasets[spec.label] for spec in self.specs
+                                    if spec.label in self._datasets}
+        return protocol
 
     def params(self, model) -> int:
-        from llmshrink.eval.efficiency import count_params
+        from llmshrink.eval.size import count_params
 
         return count_params(model)
 
     def perplexity(self, model) -> float:
+        """The primary dataset's perplexity (stage rows, ctx.evaluate during training)."""
+        ppl, self._perplexity = self._dataset_perplexity(model, self.specs[0])
+        return ppl
+
+    def _dataset_perplexity(self, model, spec) -> tuple[float, dict]:
         from llmshrink.eval.perplexity import perplexity
 
-        spec = self.spec.perplexity
         bos = self.tokenizer.bos_token_id if spec.add_bos else None
-        result = perplexity(model, self.ids, spec.window, spec.stride, spec.batch_size, self.device,
-                            bos_token_id=bos)
-        self._perplexity = {
+        result = perplexity(model, self.dataset_ids[spec.label], spec.window, spec.stride, spec.batch_size,
+                            self.device, bos_token_id=bos)
+        protocol = {
             "dataset": spec.data.source, "config": spec.data.config, "split": spec.data.split,
             "max_tokens": spec.data.max_tokens, **result.protocol, "tokens_scored": result.tokens_scored,
         }
-        return result.ppl
+        self._datasets[spec.label] = {**protocol, "domain": spec.domain}
+        return result.ppl, protocol
 
     def measure(self, model, which: str, log, known_ppl: float | None = None) -> dict:
         """The metrics of `model`, recorded as `which` ("base" or "compressed") in the protocol."""
-        from llmshrink.eval.efficiency import has_tied_embeddings, measure_latency, safetensors_bytes
+        from llmshrink.eval.latency import measure_latency
+        from llmshrink.eval.size import has_tied_embeddings, safetensors_bytes
 
         metrics = {"params": self.params(model), "size_bytes": safetensors_bytes(model)}
         if self.has_perplexity:
             self.tied[which] = has_tied_embeddings(model)
             metrics["perplexity"] = known_ppl if known_ppl is not None else self.perplexity(model)
-            log(f"  perplexity: {metrics['perplexity']:.2f}")
+            if self.named:
+                by_name = {self.specs[0].label: metrics["perplexity"]}
+                by_name.update({spec.label: self._dataset_perplexity(model, spec)[0] for spec in self.specs[1:]})
+                metrics["perplexity_by_dataset"] = by_name
+                for name, value in by_name.items():
+                    log(f"  perplexity ({name}): {value:.2f}")
+            else:
+                log(f"  perplexity: {metrics['perplexity']:.2f}")
         if self.spec.latency is not None:
             lat = self.spec.latency
             timing = measure_latency(model, self.vocab_size, lat.prompt_tokens, lat.new_tokens, lat.batch_size,
@@ -70,7 +91,7 @@ class Evaluator:
         return metrics
 
     def macs(self, model, log) -> dict:
-        from llmshrink.eval.efficiency import macs_per_decode_token, macs_per_token
+        from llmshrink.eval.macs import macs_per_decode_token, macs_per_token
         from llmshrink.eval.perplexity import max_positions
 
         # Attention MACs grow with the context: count at the latency prompt length, and say so.
@@ -110,7 +131,7 @@ class Evaluator:
         return out
 
     def memory(self, model_or_dir, device: torch.device) -> dict:
-        from llmshrink.eval.efficiency import measure_memory
+        from llmshrink.eval.memory import measure_memory
 
         lat = self.spec.latency or LatencySpec()
         measured = measure_memory(model_or_dir, lat.prompt_tokens, lat.new_tokens, lat.batch_size, str(device))

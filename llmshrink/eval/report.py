@@ -2,13 +2,13 @@
 
 Metric dict contract, shared by apply, the manifest and this report (a missing key prints as "-"):
 
-    params               int    unique parameters, tied weights once      (efficiency.count_params)
-    size_bytes           int    bytes on disk of the weights               (efficiency.safetensors_bytes
+    params               int    unique parameters, tied weights once      (size.count_params)
+    size_bytes           int    bytes on disk of the weights               (size.safetensors_bytes
                                                                             or dir_size(..., weights_only))
     perplexity           float  sliding-window perplexity                  (perplexity.perplexity().ppl)
     decode_tokens_per_s  float  greedy decode throughput, prefill excluded (measure_latency()["tokens_per_s"])
     prefill_ms           float  one forward over the prompt                (measure_latency()["prefill_ms"])
-    load_seconds         float  time to load the model                     (efficiency.load_time)
+    load_seconds         float  time to load the model                     (latency.load_time)
     compress_seconds     float  time the recipe's stages took (compressed model only)
 
 Optional keys: a row is printed only when base or compressed has a value, so tables of runs that do
@@ -20,10 +20,14 @@ not measure them stay as they were.
     peak_ram_load_mb       float  peak resident MiB once loaded            (measure_memory()["peak_rss_load_mb"])
     peak_ram_generate_mb   float  peak resident MiB after generating       (measure_memory()["peak_rss_generate_mb"])
 
-Stage rows (one per recipe stage): `stage` (name), `seconds`, `params` and `perplexity` after it.
+    perplexity_by_dataset  {name: float}  every dataset of a recipe that names several, the primary
+                                          (`perplexity`) first; one row per dataset, "perplexity (NAME)"
+
+Stage rows (one per recipe stage): `stage` (name), `seconds`, `params` and `perplexity` after it (primary).
 Perplexity protocol dict: `dataset`, `split`, `window`, `stride`, `tokens`, `bos` (PerplexityResult.protocol
 plus what the caller knows about the data), and `tied_embeddings`, per measured model ({"base": bool,
-"compressed": bool}; a plain bool in manifests written before llmshrink recorded it per model).
+"compressed": bool}; a plain bool in manifests written before llmshrink recorded it per model). With several
+datasets, the primary one's fields plus `datasets`: {name: its own fields and `domain` ("in" or "out")}.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 from llmshrink.fileio import atomic_write_text
 
 MISSING = "-"
+BY_DATASET = "perplexity_by_dataset"  # {name: perplexity} of a recipe with several datasets
 METRIC_KEYS = (
     "params",
     "size_bytes",
@@ -88,6 +93,7 @@ def _is_number(v) -> bool:
 
 def format_metric(key: str, value: float) -> str:
     """A metric value as report.md and comparison.md show it; unknown ints get separators, floats 4 digits."""
+    key = "perplexity" if key.startswith(f"{BY_DATASET}/") else key  # compare's flat perplexity_by_dataset/NAME
     if key in _ROWS:
         return _ROWS[key][1](value)
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
@@ -105,10 +111,25 @@ def ratio(base, compressed) -> str:
     return f"{r:.2f}x" if math.isfinite(r) else MISSING
 
 
+def dataset_names(*metrics: dict) -> list[str]:
+    """The perplexity datasets named in these metric dicts, in order of appearance; [] for one dataset."""
+    names: dict[str, None] = {}
+    for m in metrics:
+        names.update(dict.fromkeys(m.get(BY_DATASET) if isinstance(m.get(BY_DATASET), dict) else {}))
+    return list(names)
+
+
 def comparison_rows(base: dict, compressed: dict, keys: Sequence[str] = METRIC_KEYS) -> list[list[str]]:
-    """[label, base, compressed, ratio] per metric key, as display strings."""
+    """[label, base, compressed, ratio] per metric key, as display strings; "perplexity (NAME)" per dataset
+    where the metrics have perplexity_by_dataset."""
     rows = []
     for key in keys:
+        names = dataset_names(compressed, base) if key == "perplexity" else []
+        if names:
+            for name in names:
+                b, c = (_dict(m.get(BY_DATASET)).get(name) for m in (base, compressed))
+                rows.append([f"perplexity ({name})", _cell(key, b), _cell(key, c), ratio(b, c)])
+            continue
         label = _ROWS[key][0] if key in _ROWS else key
         b = None if key in COMPRESSED_ONLY else base.get(key)
         c = compressed.get(key)
@@ -116,6 +137,10 @@ def comparison_rows(base: dict, compressed: dict, keys: Sequence[str] = METRIC_K
             continue
         rows.append([label, _cell(key, b), _cell(key, c), ratio(b, c)])
     return rows
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _task_values(values) -> dict[str, float]:
@@ -195,6 +220,19 @@ def protocol_line(protocol: dict) -> str:
     return "Perplexity protocol: " + ", ".join(parts)
 
 
+def protocol_lines(protocol: dict) -> list[str]:
+    """protocol_line, or one line per dataset ("Perplexity protocol (NAME, out-of-domain): ...")."""
+    datasets = _dict(protocol.get("datasets"))
+    if not datasets:
+        return [protocol_line(protocol)]
+    lines = []
+    for name, own in datasets.items():
+        own = {**_dict(own), "tied_embeddings": protocol.get("tied_embeddings")}
+        domain = {"in": ", in-domain", "out": ", out-of-domain"}.get(own.get("domain"), "")
+        lines.append(protocol_line(own).replace("Perplexity protocol:", f"Perplexity protocol ({name}{domain}):", 1))
+    return lines
+
+
 def _stage_cells(row: dict) -> list[str]:
     seconds = row.get("seconds")
     return [
@@ -211,6 +249,8 @@ def render_report_md(
 ) -> str:
     """The markdown text write_report_md writes."""
     bos = protocol.get("bos")
+    datasets = list(_dict(protocol.get("datasets")))
+    primary = f" ({datasets[0]})" if datasets else ""
     details = [
         ("dataset", protocol.get("dataset", MISSING)),
         ("split", protocol.get("split", MISSING)),
@@ -226,7 +266,7 @@ def render_report_md(
         _md_table(HEADER, comparison_rows(base, compressed)),
         "## Stages",
         _md_table(
-            ["stage", "seconds", "params after", "perplexity after"], [_stage_cells(r) for r in stage_rows]
+            ["stage", "seconds", "params after", "perplexity after" + primary], [_stage_cells(r) for r in stage_rows]
         )
         if stage_rows
         else "No stages ran.",
@@ -238,9 +278,11 @@ def render_report_md(
         parts += ["## Training curves", f"![training loss and eval perplexity by tokens]({curves_png})"]
     parts += [
         "## Perplexity protocol",
-        protocol_line(protocol),
-        "\n".join(f"- {k}: {v}" for k, v in details),
+        *protocol_lines(protocol),
     ]
+    if datasets:
+        parts.append(f"The first is the primary dataset{primary}: the stages' perplexity, and the details below.")
+    parts.append("\n".join(f"- {k}: {v}" for k, v in details))
     if notes:
         parts += ["## Notes", "\n".join(f"- {n}" for n in notes)]
     return "\n\n".join(parts) + "\n"

@@ -143,7 +143,7 @@ class ClusteredLinear(nn.Module):
         }
 
     def buffered_weights(self) -> int:
-        """Weights held as packed indices rather than parameters: efficiency.count_params counts them (and
+        """Weights held as packed indices rather than parameters: size.count_params counts them (and
         the codebook's k values, which are parameters, on top)."""
         return self.in_features * self.out_features
 

@@ -114,7 +114,7 @@ class Int8DynamicLinear(nn.Module):
                 "bias": self.bias is not None}
 
     def buffered_weights(self) -> int:
-        """Weights held in a buffer rather than parameters: efficiency.count_params counts them."""
+        """Weights held in a buffer rather than parameters: size.count_params counts them."""
         return self.weight_int8.numel()
 
     def packed_weight(self):

@@ -1,9 +1,10 @@
 """Distill pass: train the (compressed) model to match a teacher's next-token distribution.
 
-Loss = alpha · KL(teacher || student) at temperature T (· T²) + (1 - alpha) · next-token CE
+Loss = alpha · D(teacher, student) at temperature T (· T²) + (1 - alpha) · next-token CE
      + hidden_weight · hidden-state MSE/cosine (mean over the layer map's pairs)
      + attention_weight · attention-map KL (mean over the map's block pairs),
-on packed blocks of the recipe's `data:` text. The teacher is the model as loaded (`teacher: base`)
+on packed blocks of the recipe's `data:` text. D is `loss:` forward KL (default), reverse KL, generalized
+JSD or skew (reverse) KL, from distill/losses.py. The teacher is the model as loaded (`teacher: base`)
 or any other model id sharing the tokenizer. When widths differ, learned linear projections map
 the student's hidden states to the teacher's; they train with the student and are then dropped.
 """
@@ -32,7 +33,9 @@ from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.distill import DistillConfig
 
 
-def logit_kd_loss(alpha: float, temperature: float) -> LossFn:
+def logit_kd_loss(
+    alpha: float, temperature: float, *, loss: str = "forward_kl", skew: float = 0.1, jsd_beta: float = 0.5
+) -> LossFn:
     """loss_fn for the trainer: distill_loss on the logits of the student and (frozen) teacher."""
 
     def loss_fn(student: nn.Module, teacher: nn.Module | None, input_ids: torch.Tensor):
@@ -40,7 +43,8 @@ def logit_kd_loss(alpha: float, temperature: float) -> LossFn:
         teacher_logits = None
         if alpha > 0 and teacher is not None:
             teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
-        return distill_loss(student_logits, teacher_logits, input_ids, alpha, temperature)
+        return distill_loss(student_logits, teacher_logits, input_ids, alpha, temperature,
+                            loss=loss, skew=skew, jsd_beta=jsd_beta)
 
     return loss_fn
 
@@ -71,6 +75,10 @@ def feature_kd_loss(
     hidden_weight: float = 0.0,
     hidden_loss: str = "mse",
     attention_weight: float = 0.0,
+    *,
+    loss: str = "forward_kl",
+    skew: float = 0.1,
+    jsd_beta: float = 0.5,
 ) -> LossFn:
     """loss_fn: distill_loss + hidden_weight · hidden term + attention_weight · attention term.
 
@@ -79,7 +87,7 @@ def feature_kd_loss(
     weights 0 this is exactly logit_kd_loss.
     """
     if hidden_weight == 0 and attention_weight == 0:
-        return logit_kd_loss(alpha, temperature)
+        return logit_kd_loss(alpha, temperature, loss=loss, skew=skew, jsd_beta=jsd_beta)
     hidden_fn = {"mse": hidden_mse_loss, "cosine": hidden_cosine_loss}[hidden_loss]
     block_pairs = [(s - 1, t - 1) for s, t in pairs if s > 0 and t > 0]
 
@@ -91,14 +99,15 @@ def feature_kd_loss(
         s_out = student(**kwargs)
         s_out, s_hidden = s_out if isinstance(s_out, tuple) else (s_out, None)
         t_out = teacher(**kwargs)
-        loss, parts = distill_loss(s_out.logits, t_out.logits if alpha > 0 else None, input_ids, alpha, temperature)
+        total, parts = distill_loss(s_out.logits, t_out.logits if alpha > 0 else None, input_ids, alpha,
+                                    temperature, loss=loss, skew=skew, jsd_beta=jsd_beta)
         if hidden_weight > 0:
             if s_hidden is None:
                 s_hidden = [s_out.hidden_states[s] for s, _ in pairs]
             terms = [hidden_fn(h, t_out.hidden_states[t]) for h, (_, t) in zip(s_hidden, pairs, strict=True)]
             hidden = torch.stack(terms).mean()
             parts["hidden"] = hidden.detach()
-            loss = loss + hidden_weight * hidden
+            total = total + hidden_weight * hidden
         if attention_weight > 0:
             if not s_out.attentions or not t_out.attentions:
                 raise LlmshrinkError(
@@ -108,9 +117,9 @@ def feature_kd_loss(
             terms = [attention_kl_loss(s_out.attentions[s], t_out.attentions[t]) for s, t in block_pairs]
             attention = torch.stack(terms).mean()
             parts["attention"] = attention.detach()
-            loss = loss + attention_weight * attention
-        parts["loss"] = loss.detach()
-        return loss, parts
+            total = total + attention_weight * attention
+        parts["loss"] = total.detach()
+        return total, parts
 
     return loss_fn
 
@@ -142,7 +151,8 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
             + (f", {projection_params:,} projection params" if projection_params else "")
         )
         loss_fn = feature_kd_loss(
-            cfg.alpha, cfg.temperature, pairs, cfg.hidden_weight, cfg.hidden_loss, cfg.attention_weight
+            cfg.alpha, cfg.temperature, pairs, cfg.hidden_weight, cfg.hidden_loss, cfg.attention_weight,
+            loss=cfg.loss, skew=cfg.skew, jsd_beta=cfg.jsd_beta,
         )
         with _eager_attention([model, teacher] if cfg.attention_weight > 0 else []):
             result = train(
@@ -175,6 +185,7 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
         "lr": cfg.lr,
         "alpha": cfg.alpha,
         "temperature": cfg.temperature,
+        "loss": cfg.loss,
         "seq_len": cfg.seq_len,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
@@ -188,6 +199,10 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
         "eval_data": eval_data,
         "curve": training_curve(result),
     }
+    if cfg.loss in ("skew_kl", "skew_rkl"):
+        record["skew"] = cfg.skew
+    elif cfg.loss == "jsd":
+        record["jsd_beta"] = cfg.jsd_beta
     if features:
         record |= {"hidden_loss": cfg.hidden_loss, "layer_map": [list(p) for p in pairs],
                    "projection_params": projection_params}

@@ -15,6 +15,16 @@ from llmshrink.registry import register_pass
 class DistillConfig(TrainingConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs CE")
     temperature: float = Field(2.0, gt=0.0)
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"] = Field(
+        "forward_kl",
+        description="the KD divergence, p = teacher, q = student: forward_kl KL(p||q) (Hinton); reverse_kl "
+        "KL(q||p) (MiniLLM); jsd, generalized JSD with jsd_beta (GKD); skew_kl KL(p||skew·p+(1-skew)·q) and "
+        "skew_rkl KL(q||(1-skew)·p+skew·q) (DistiLLM)",
+    )
+    skew: float = Field(0.1, gt=0.0, lt=1.0, description="skew_kl / skew_rkl: share of the KL's first "
+                        "distribution mixed into its second (DistiLLM's alpha)")
+    jsd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="jsd: teacher weight beta in the mixture "
+                            "m = beta·p + (1-beta)·q; 0.5 = symmetric JSD")
     train: Literal["all", "compressed"] = Field(
         "all", description="all trainable parameters, or only those of llmshrink's compressed layers"
     )
