@@ -29,6 +29,16 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 """
 
+# A small valid recipe that the recipe tests vary one field at a time.
+RECIPE_BASE = """\
+name: t
+model: {id: some/dir}
+stages:
+  - kronecker: {targets: '.*mlp.*', rank: 1}
+  - distill: {steps: 2}
+output: {dir: out/t}
+"""
+
 WORDS = (
     "the a of and to in is was he she it that for on with as his her they at by this had not but be "
     "from are have were or all one which their so an there been if would will what when who more no "

@@ -5,20 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import RECIPE_BASE as BASE
 
 from llmshrink.errors import RecipeError
 from llmshrink.recipe import load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-
-BASE = """\
-name: t
-model: {id: some/dir}
-stages:
-  - kronecker: {targets: '.*mlp.*', rank: 1}
-  - distill: {steps: 2}
-output: {dir: out/t}
-"""
 
 
 def write(tmp_path, text: str) -> Path:

@@ -4,18 +4,11 @@ types, bad --set values. Each mistake is one exact line."""
 from __future__ import annotations
 
 import pytest
+from conftest import RECIPE_BASE as BASE
 
 from llmshrink.errors import RecipeError
 from llmshrink.recipe import load_recipe
 
-BASE = """\
-name: t
-model: {id: some/dir}
-stages:
-  - kronecker: {targets: '.*mlp.*', rank: 1}
-  - distill: {steps: 2}
-output: {dir: out/t}
-"""
 TEMPLATE_ALLOWED = "allowed: named record fields like {dialogue}, and {{ or }} for a literal brace"
 
 
