@@ -1,8 +1,7 @@
 """llmshrink: make small language models smaller and faster, and prove it with numbers."""
 
 from llmshrink import quiet as _quiet
-
-__version__ = "0.1.0"
+from llmshrink.version import __version__ as __version__  # re-exported: llmshrink.__version__
 
 _quiet.install()  # before anything imports bitsandbytes: see llmshrink/quiet.py
 

@@ -27,7 +27,6 @@ import torch
 import transformers
 from torch import nn
 
-from llmshrink import __version__
 from llmshrink.bnb import quantization_config
 from llmshrink.checkpoint_files import check_aliases, check_keys, read_json, read_tensor_meta
 from llmshrink.errors import LlmshrinkError
@@ -35,11 +34,11 @@ from llmshrink.fileio import make_readable
 from llmshrink.lazy_load import meta_weights
 from llmshrink.modules import COMPRESSED_MODULES
 from llmshrink.remote_template import REMOTE_FILE, write_remote_code
+from llmshrink.targeting import module_attrs, set_module_attrs
+from llmshrink.version import __version__
 
 LAYOUT_KEY = "llmshrink_layout"
 ATTRS_KEY = "llmshrink_module_attrs"
-# Name of the dict, on a module, of the plain attributes a pass changed (see set_module_attrs).
-MODULE_ATTRS = "llmshrink_attrs"
 BASE_KEY = "llmshrink_base_architecture"
 MANIFEST_FILE = "llmshrink.json"
 # Auto classes tried, in order, to find the one whose mapping names the base architecture.
@@ -98,22 +97,6 @@ def apply_layout(model: nn.Module, layout: dict[str, dict[str, Any]]) -> None:
                 layer.bind(model)
             except ValueError as err:
                 raise LlmshrinkError(f"{LAYOUT_KEY}.{name}: cannot bind {type(layer).__name__}: {err}") from None
-
-
-def set_module_attrs(module: nn.Module, **values: Any) -> None:
-    """Set plain attributes (JSON values) that the model config no longer implies, and remember them.
-
-    E.g. a GPT-2 attention keeping 3 of 12 heads reads `split_size` at forward time; checkpoints record
-    these (`module_attrs`) and set them again after rebuilding the model.
-    """
-    for key, value in values.items():
-        setattr(module, key, value)
-    setattr(module, MODULE_ATTRS, {**module.__dict__.get(MODULE_ATTRS, {}), **values})
-
-
-def module_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """{dotted name: {attribute: value}} for every module with attributes set by set_module_attrs."""
-    return {name: dict(m.__dict__[MODULE_ATTRS]) for name, m in model.named_modules() if m.__dict__.get(MODULE_ATTRS)}
 
 
 def apply_module_attrs(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None:

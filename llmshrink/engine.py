@@ -1,10 +1,16 @@
-"""Run a recipe: load -> passes in order -> evaluate base and result -> save -> verify reload -> publish."""
+"""Run a recipe: load -> passes in order -> evaluate base and result -> save -> verify reload -> publish.
+
+The engine names no pass: what a pass needs done after the stages (a merge into the weights) or around the
+checkpoint (files kept beside it) it does in its lifecycle hooks (passes/base.py), which the engine calls for the
+passes that ran.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,15 +26,17 @@ from llmshrink.eval.report import format_table, write_report_md
 from llmshrink.eval.size import dir_size
 from llmshrink.fileio import atomic_write_text, make_readable
 from llmshrink.hub import model_card
-from llmshrink.passes.lora import load_adapter, lora_settings, merge_lora, save_adapter, unload_lora
+from llmshrink.passes.base import Extra, LoadExtra
 from llmshrink.recipe import LoadedRecipe, Recipe
-from llmshrink.registry import get_pass
+from llmshrink.registry import PassSpec, get_pass, passes_run
 
-ADAPTER_DIR = "adapter"  # unmerged LoRA adapters, in peft's format, inside the output folder
-# Inside the work folder (work_dir_for): the stages' resumable state, the output being written, and an
-# existing output moved aside by `overwrite` until the new one is in place.
+# Inside the work folder (work_dir_for): the stages' resumable state, teacher samples (both kept for a rerun
+# after a failure), the output being written, the passes' extras (save_extra) until it is, and an existing
+# output moved aside by `overwrite` until the new one is in place.
 STAGE_PREFIX = "stage-"
+SAMPLES_DIR = "teacher-samples"
 STAGING_DIR = "output.partial"
+EXTRA_PREFIX = "extra-"
 PREVIOUS_DIR = "output.previous"
 
 
@@ -38,7 +46,7 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     Everything is written under the hidden work folder (work_dir_for) and the output folder appears by
     one rename once complete and verified; a failed or killed run leaves no output folder (and with
     overwrite, the old one in place). The work folder goes on success; on failure only the stages'
-    resumable state (stage-*/) stays, for the rerun.
+    resumable state (stage-*/) and the teacher samples (teacher-samples/) stay, for the rerun.
 
     Under `accelerate launch` every process runs the stages (training is data-parallel, the other
     passes are deterministic, so all processes hold the same model); only the main process then
@@ -81,31 +89,34 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
     teacher = load_base_model(recipe.model, device=device, log=log).model
     load_seconds = time.perf_counter() - start
     teacher.requires_grad_(False).eval()
-    ctx = Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log)
+    ctx = Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log,
+                  samples_dir=work_root / SAMPLES_DIR, teacher_fingerprint=recipe.model.model_dump_json())
     if recipe.evaluate.after_each_stage and evaluator.has_perplexity:
         ctx.evaluate = evaluator.perplexity  # passes with inner steps (iterate) report after each
 
     stage_rows, records = [], []
-    for index, stage in enumerate(loaded.stages):
-        log(f"[{next(step)}/{steps}] {stage.name}")
-        ctx.work_dir = work_root / f"{STAGE_PREFIX}{index}-{stage.name}"  # resumable state, kept on failure
-        start = time.perf_counter()
-        record = get_pass(stage.name).apply(model, stage.config, ctx)
-        seconds = time.perf_counter() - start
-        row = {"stage": f"{index}:{stage.name}", "seconds": round(seconds, 2), "params": evaluator.params(model)}
-        if recipe.evaluate.after_each_stage and evaluator.has_perplexity:
-            row["perplexity"] = evaluator.perplexity(model)
-            log(f"  perplexity after {stage.name}: {row['perplexity']:.2f}")
-        stage_rows.append(row)
-        records.append(
-            {"pass": stage.name, "config": stage.config.model_dump(mode="json"), "record": record,
-             "seconds": round(seconds, 3)}
-        )
+    with passes_run() as ran:  # the passes that ran, inner ones included, in order: their hooks run below
+        for index, stage in enumerate(loaded.stages):
+            log(f"[{next(step)}/{steps}] {stage.name}")
+            ctx.work_dir = work_root / f"{STAGE_PREFIX}{index}-{stage.name}"  # resumable state, kept on failure
+            start = time.perf_counter()
+            record = get_pass(stage.name).apply(model, stage.config, ctx)
+            seconds = time.perf_counter() - start
+            row = {"stage": f"{index}:{stage.name}", "seconds": round(seconds, 2), "params": evaluator.params(model)}
+            if recipe.evaluate.after_each_stage and evaluator.has_perplexity:
+                row["perplexity"] = evaluator.perplexity(model)
+                log(f"  perplexity after {stage.name}: {row['perplexity']:.2f}")
+            stage_rows.append(row)
+            records.append(
+                {"pass": stage.name, "config": stage.config.model_dump(mode="json"), "record": record,
+                 "seconds": round(seconds, 3)}
+            )
 
-    lora = lora_settings(model)
-    if lora and lora["merge"]:  # after every stage, so that a later distill trained the adapters first
-        log(f"  lora: merged {merge_lora(model)} adapters into the weights")
-        lora = None
+    ctx.work_dir = None
+    for spec in ran:  # after every stage, so that what a pass left on the model was used by the later ones
+        finalize = spec.hooks.finalize
+        if finalize is not None and (summary := finalize(model, ctx)):
+            log(f"  {summary}")
 
     if not _is_main_process():
         log(f"process {os.environ.get('RANK')}: stages done; the main process evaluates and saves")
@@ -139,10 +150,10 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
 
     log(f"[{next(step)}/{steps}] save {out_dir}")
     staging = work_root / STAGING_DIR
-    adapted = _write_staging(model, tokenizer, lora, staging, work_root, manifest, loaded, evaluator)
+    extras = _write_staging(model, tokenizer, ran, staging, work_root, manifest, loaded, evaluator)
 
     log(f"[{next(step)}/{steps}] verify reload")
-    _verify(model, adapted, staging, manifest, evaluator, device, out_dir)
+    _verify(model, extras, staging, manifest, evaluator, device, out_dir)
     compressed["size_bytes"] = dir_size(staging, weights_only=True)
     if recipe.evaluate.memory:
         log("  peak RAM: loading and generating, each model in a fresh process")
@@ -158,39 +169,62 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
     return manifest
 
 
-def _write_staging(model, tokenizer, lora, staging: Path, work_root: Path, manifest: dict, loaded: LoadedRecipe,
-                   evaluator: Evaluator) -> torch.Tensor | None:
-    """The checkpoint, and unmerged LoRA adapters beside it in peft's format, into `staging`; returns the
-    logits with the adapters (None without), for the reload check."""
-    adapted, adapter = None, None
-    if lora:  # PeftModel.from_pretrained loads them; the base weights are saved without them
-        adapted = _logits(model, evaluator.probe_ids())
-        adapter = save_adapter(model, work_root / f"{ADAPTER_DIR}.partial")
-        unload_lora(model)
-        manifest["adapter"] = {"dir": ADAPTER_DIR, "merged": False}
+@dataclass(frozen=True)
+class _SavedExtra:
+    """A pass's extra, written apart from the checkpoint and taken off the model (save_extra, unload_extra)."""
+
+    extra: Extra
+    scratch: Path  # where save_extra wrote it; moved into the output once the checkpoint is written
+    load: LoadExtra
+    logits: torch.Tensor  # the model's, before unload_extra: what the reload with the extra must give back
+
+
+def _write_staging(model, tokenizer, ran: list[PassSpec], staging: Path, work_root: Path, manifest: dict,
+                   loaded: LoadedRecipe, evaluator: Evaluator) -> list[_SavedExtra]:
+    """The checkpoint, and beside it what the passes keep apart (save_extra), into `staging`; returns those
+    extras in the order of the passes, with the logits each reload check compares to."""
+    saved = []
+    for spec in reversed(ran):  # what the last pass added comes off first
+        hooks = spec.hooks
+        if hooks.save_extra is None:
+            continue
+        scratch = work_root / f"{EXTRA_PREFIX}{spec.name}.partial"
+        work_root.mkdir(parents=True, exist_ok=True)
+        extra = hooks.save_extra(model, scratch)
+        if extra is None:
+            continue
+        if extra.name in manifest or any(s.extra.name == extra.name for s in saved):
+            raise LlmshrinkError(f"{spec.name}: save_extra: {extra.name!r} is taken in the output's manifest")
+        saved.append(_SavedExtra(extra, scratch, hooks.load_extra, _logits(model, evaluator.probe_ids())))
+        hooks.unload_extra(model)
+    saved.reverse()
+    for item in saved:
+        manifest[item.extra.name] = item.extra.manifest
     card = model_card(manifest, loaded.text, architecture=type(model).__name__)
     write_checkpoint(model, tokenizer, staging, recipe_text=loaded.text, manifest=manifest, model_card=card)
-    if adapter is not None:
-        adapter.rename(staging / ADAPTER_DIR)
-        make_readable(staging / ADAPTER_DIR)  # safetensors writes 0600
-    return adapted
+    for item in saved:
+        item.scratch.rename(staging / item.extra.name)
+        make_readable(staging / item.extra.name)  # safetensors writes 0600
+    return saved
 
 
-def _verify(model, adapted: torch.Tensor | None, staging: Path, manifest: dict, evaluator: Evaluator,
+def _verify(model, extras: list[_SavedExtra], staging: Path, manifest: dict, evaluator: Evaluator,
             device: torch.device, out_dir: Path) -> None:
-    """Reload what was written and compare logits: exactly equal, and within float tolerance with the adapter."""
+    """Reload what was written and compare logits: exactly equal, then with each pass's extra put back (load_extra)
+    equal to the logits before it was taken off, within its tolerance."""
     start = time.perf_counter()
     reloaded = load_checkpoint(staging, device=device)
     manifest["metrics"]["compressed"]["load_seconds"] = time.perf_counter() - start
     manifest["checks"] = {"reload_max_abs_logit_diff": _max_logit_diff(model, reloaded, evaluator.probe_ids())}
     if manifest["checks"]["reload_max_abs_logit_diff"] != 0.0:
         raise LlmshrinkError(f"{out_dir}: reloaded model differs from the compressed one: {manifest['checks']}")
-    if adapted is not None:  # peft's reload sums the adapter in a different order: equal to float tolerance
-        with_adapter = load_adapter(reloaded, staging / ADAPTER_DIR)
-        diff = float((_logits(with_adapter, evaluator.probe_ids()) - adapted).abs().max())
-        manifest["checks"]["adapter_reload_max_abs_logit_diff"] = diff
-        if diff > 1e-4:
-            raise LlmshrinkError(f"{out_dir}: the reloaded adapter changes the logits by {diff:.3g}")
+    for item in extras:
+        name = item.extra.name
+        reloaded = item.load(reloaded, staging / name)
+        diff = float((_logits(reloaded, evaluator.probe_ids()) - item.logits).abs().max())
+        manifest["checks"][f"{name}_reload_max_abs_logit_diff"] = diff
+        if diff > item.extra.atol:
+            raise LlmshrinkError(f"{out_dir}: the reloaded {name} changes the logits by {diff:.3g}")
 
 
 def _finish_staging(staging: Path, manifest: dict, loaded: LoadedRecipe, architecture: str, notes: list[str],
@@ -205,7 +239,7 @@ def _finish_staging(staging: Path, manifest: dict, loaded: LoadedRecipe, archite
 
 
 def _clear_leftovers(work_root: Path, out_dir: Path) -> None:
-    """Remove what a failed or killed run left in the work folder, except the stages' resumable state.
+    """Remove what a failed or killed run left in the work folder, except what a rerun resumes from.
 
     An output moved aside by a swap that was killed halfway is put back first.
     """
@@ -215,7 +249,7 @@ def _clear_leftovers(work_root: Path, out_dir: Path) -> None:
     if previous.is_dir() and not out_dir.exists():
         previous.rename(out_dir)
     for entry in work_root.iterdir():
-        if entry.name.startswith(STAGE_PREFIX):
+        if entry.name.startswith(STAGE_PREFIX) or entry.name == SAMPLES_DIR:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

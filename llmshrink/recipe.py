@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from llmshrink.errors import RecipeError, did_you_mean
 from llmshrink.eval.specs import GenerationSpec, LmEvalSpec
-from llmshrink.passes.base import PassConfig
-from llmshrink.registry import get_pass
-from llmshrink.specs import DataSpec, ModelSpec, Spec
+from llmshrink.specs import DataSpec, MixDataSpec, ModelSpec, Spec, TeacherDataSpec, TrainingData
+from llmshrink.stages import Stage, describe_error, parse_stage
 
 
 class PerplexitySpec(Spec):
@@ -61,7 +60,7 @@ class PerplexitySpec(Spec):
         return re.sub(r"[^\w.-]+", "-", stem).strip("-.") or "text"
 
 
-# Pydantic names the branch of the one-or-list union in error paths; _describe leaves these names out.
+# Pydantic names the branch of the one-or-list union in error paths; describe_error leaves these names out.
 _ONE, _LIST = "one perplexity spec", "list of perplexity specs"
 
 
@@ -124,7 +123,7 @@ class Recipe(Spec):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec = ModelSpec()
-    data: DataSpec | None = None
+    data: TrainingData | None = None
     stages: list[Any] = Field(default_factory=list)
     evaluate: EvaluateSpec = EvaluateSpec()
     output: OutputSpec
@@ -137,12 +136,6 @@ class _Loader(yaml.SafeLoader):
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    config: PassConfig
 
 
 @dataclass(frozen=True)
@@ -178,7 +171,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(file, *_describe(err, Recipe, prefix="")) from None
+        raise RecipeError(file, *describe_error(err, Recipe, prefix="", branches=(_ONE, _LIST))) from None
     stages = [parse_stage(item, file, f"stages[{i}]") for i, item in enumerate(recipe.stages)]
     check_local_files(recipe, file)
     text = yaml.safe_dump(raw, sort_keys=False) if overrides else source
@@ -192,7 +185,7 @@ LOCAL_DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 def check_local_files(recipe: Recipe, file: str) -> None:
     """The files and built-in names the recipe reads exist now, rather than after the model has loaded
     and a stage has run. Relative paths resolve against the current directory, as `apply` reads them."""
-    sources = [("data", recipe.data)]
+    sources = _training_sources(recipe.data)
     listed = isinstance(recipe.evaluate.perplexity, list)
     for index, spec in enumerate(recipe.evaluate.perplexity_specs):
         sources.append((f"evaluate.perplexity{f'[{index}]' if listed else ''}.data", spec.data))
@@ -207,6 +200,15 @@ def check_local_files(recipe: Recipe, file: str) -> None:
     if lm_eval is not None and lm_eval.include_path is not None and not Path(lm_eval.include_path).is_dir():
         where = _relative(lm_eval.include_path)
         raise RecipeError(file, "evaluate.lm_eval.include_path", f"no such directory: {lm_eval.include_path}{where}")
+
+
+def _training_sources(data: DataSpec | TeacherDataSpec | MixDataSpec | None) -> list[tuple[str, DataSpec | None]]:
+    """(field, text source) of every corpus the `data:` section reads."""
+    if isinstance(data, TeacherDataSpec):
+        return [("data.prompts", data.prompts)]
+    if isinstance(data, MixDataSpec):
+        return [("data.corpus", data.corpus), ("data.teacher.prompts", data.teacher.prompts)]
+    return [("data", data)]
 
 
 def _check_data_source(spec: DataSpec, file: str, field: str) -> None:
@@ -242,29 +244,6 @@ def _relative(path: str) -> str:
     return "" if Path(path).expanduser().is_absolute() else f" (relative to the current directory {Path.cwd()})"
 
 
-def parse_stage(item: Any, file: str, field: str) -> Stage:
-    """One `{pass name: config}` item, validated by the pass's config model; `field` names it in errors.
-
-    The config is validated with context {"file", "field"}, so a pass holding stages of its own
-    (iterate) reports a nested mistake under its full path.
-    """
-    if not isinstance(item, dict) or len(item) != 1:
-        raise RecipeError(file, field, f"expected a one-key mapping {{pass name: config}}, got {item!r}")
-    (name, body), = item.items()
-    try:
-        spec = get_pass(str(name))
-    except KeyError as err:
-        raise RecipeError(file, field, err.args[0]) from None
-    body = {} if body is None else body
-    if not isinstance(body, dict):
-        raise RecipeError(file, f"{field}.{name}", f"expected a mapping of settings, got {body!r}")
-    try:
-        config = spec.config_cls.model_validate(body, context={"file": file, "field": f"{field}.{name}"})
-        return Stage(name, config)
-    except ValidationError as err:
-        raise RecipeError(file, *_describe(err, spec.config_cls, prefix=f"{field}.{name}")) from None
-
-
 def apply_override(raw: dict, item: str, file: str) -> None:
     """`stages.0.kronecker.rank=2` sets raw['stages'][0]['kronecker']['rank'] = 2 (value parsed as YAML)."""
     if "=" not in item:
@@ -295,43 +274,3 @@ def _override_value(item: str, value: str, file: str) -> Any:
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(file, f"--set {item}", f"the value is not valid YAML: {problem}") from None
-
-
-def _describe(err: ValidationError, model: type[BaseModel], prefix: str) -> tuple[str, str]:
-    """(field path, message) for the first pydantic error, in the project's one-line style."""
-    first = err.errors()[0]
-    loc = [part for part in first["loc"] if part not in (_ONE, _LIST)]
-    field = prefix
-    for part in loc:
-        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
-    value = first.get("input")
-    if first["type"] == "duplicate_name":
-        return f"{field}[{first['ctx']['index']}].name", first["msg"]
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model, loc[:-1])
-        return field, f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"
-    if first["type"] == "missing":
-        return field, "required field is missing"
-    message = first["msg"]
-    message = message[0].lower() + message[1:] if message else message
-    return field, f"{message}, got {value!r}"
-
-
-def _allowed_keys(model: type[BaseModel], loc: list) -> list[str]:
-    # Walk the pydantic models along the error's path to list the keys valid at that level.
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        info = model.model_fields.get(part)
-        model = _model_of(info.annotation) if info else None
-    return list(model.model_fields) if model is not None else []
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None

@@ -2,34 +2,62 @@
 
 A pass is registered by its config class (torch-free, llmshrink/passes/configs/NAME.py); its implementation
 module, which imports torch and maybe peft or bitsandbytes, is imported only when the pass runs. So
-validating a recipe stays fast and quiet.
+validating a recipe stays fast and quiet. The same goes for a pass's lifecycle hooks (passes/base.py): they
+are functions of the implementation module, looked up there when the engine calls them.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the configs import this module to register themselves
-    from llmshrink.passes.base import PassConfig
+    from llmshrink.passes.base import PassConfig, PassHooks
 
 
 @dataclass(frozen=True)
 class PassSpec:
     name: str
     config_cls: type[PassConfig]
-    module: str  # the implementation: a module with apply(model, cfg, ctx) -> PassRecord
+    module: str  # the implementation: a module with apply(model, cfg, ctx) -> PassRecord, and maybe hooks
 
     @property
     def apply(self) -> Callable:
         # Looked up on every access, so a test's monkeypatch of module.apply is seen.
+        ran = _RAN.get()
+        if ran is not None and self not in ran:
+            ran.append(self)
         return importlib.import_module(self.module).apply
+
+    @property
+    def hooks(self) -> PassHooks:
+        """The lifecycle hooks the implementation defines (imports it; looked up on every access, as apply)."""
+        from llmshrink.passes.base import PassHooks
+
+        implementation = importlib.import_module(self.module)
+        return PassHooks(**{f.name: getattr(implementation, f.name, None) for f in fields(PassHooks)})
 
 
 _PASSES: dict[str, PassSpec] = {}
+# While passes_run() is open: each pass whose apply was looked up (i.e. that ran), in the order they first ran.
+_RAN: ContextVar[list[PassSpec] | None] = ContextVar("llmshrink_passes_run", default=None)
+
+
+@contextmanager
+def passes_run() -> Iterator[list[PassSpec]]:
+    """Collects the passes that run inside the block, once each, in the order they first run; also those that
+    a pass runs itself through get_pass (iterate's inner stages). The engine calls their hooks afterwards."""
+    ran: list[PassSpec] = []
+    token = _RAN.set(ran)
+    try:
+        yield ran
+    finally:
+        _RAN.reset(token)
 
 
 def register_pass(name: str, module: str | None = None) -> Callable[[type[PassConfig]], type[PassConfig]]:

@@ -15,9 +15,9 @@ import inspect
 import shutil
 from pathlib import Path
 
-from llmshrink import __version__
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules import COMPRESSED_MODULES
+from llmshrink.version import __version__
 
 REMOTE_FILE = "modeling_llmshrink.py"
 CLASS_PREFIX = "Llmshrink"

@@ -7,9 +7,9 @@ Torch-free: validating a recipe imports them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from llmshrink.fields import Template
 
@@ -54,3 +54,75 @@ class DataSpec(Spec):
     streaming: bool = Field(
         False, description="read documents one by one and stop at max_tokens (needs max_tokens)",
     )
+
+
+class TeacherSampling(Spec):
+    """How recovery text is sampled from the teacher (the base model as loaded), in batches with a KV cache.
+
+    Data-free distillation, as in LLM-QAT: the student learns the teacher's own distribution rather than a
+    corpus's domain. Each sample starts with a prompt (the first `prompt_tokens` tokens of a document of
+    `prompts`, left-padded) or, with no prompts, with the model's BOS token alone (so its first token is drawn
+    from the model's own distribution), and ends at EOS or after `sample_tokens` new tokens.
+    """
+
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    prompts: DataSpec | None = Field(
+        None, description="documents whose starts prompt the samples (builtin:NAME, a file or a hub id; a string "
+        "is the source); none: start from BOS",
+    )
+    prompt_tokens: int = Field(16, ge=1, description="tokens of each prompt document kept as the prompt")
+    sample_tokens: int = Field(128, ge=1, description="new tokens per sample at most (a sample also ends at EOS)")
+    batch_size: int = Field(16, ge=1, description="samples generated together")
+    seed: int = 0
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _source_shorthand(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
+
+
+class TeacherDataSpec(TeacherSampling):
+    """`data: {source: teacher, tokens: N, ...}`: N tokens sampled from the teacher (see TeacherSampling)."""
+
+    source: Literal["teacher"]
+    tokens: int = Field(ge=1, description="how many tokens to sample in all (prompts included)")
+
+    @property
+    def heldout(self) -> float:
+        return 0.0  # samples are drawn afresh; there is no document to hold out
+
+
+class MixDataSpec(Spec):
+    """`data: {source: mix, tokens: N, teacher_share: r, teacher: {...}, corpus: {...}}`: round(N·r) tokens
+    sampled from the teacher and N minus those of the corpus (its max_tokens is set to that)."""
+
+    source: Literal["mix"]
+    tokens: int = Field(ge=2, description="training tokens in all")
+    teacher_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of the tokens sampled from the teacher")
+    teacher: TeacherSampling = TeacherSampling()
+    corpus: DataSpec = DataSpec()
+
+    @property
+    def heldout(self) -> float:
+        return self.corpus.heldout
+
+
+# Pydantic names the branch of a tagged union in error paths; recipe.py leaves these names out.
+CORPUS_TAG, TEACHER_TAG, MIX_TAG = "corpus text", "teacher samples", "teacher and corpus mix"
+DATA_TAGS = {CORPUS_TAG: DataSpec, TEACHER_TAG: TeacherDataSpec, MIX_TAG: MixDataSpec}
+
+
+def _data_kind(value: Any) -> str:
+    source = value.get("source") if isinstance(value, dict) else getattr(value, "source", None)
+    if source == "teacher":
+        return TEACHER_TAG
+    return MIX_TAG if source == "mix" else CORPUS_TAG  # a corpus, or a bad value its own checks then name
+
+
+# The recipe's `data:` section: a text source, teacher samples, or a mix of both.
+TrainingData = Annotated[
+    Annotated[DataSpec, Tag(CORPUS_TAG)] | Annotated[TeacherDataSpec, Tag(TEACHER_TAG)]
+    | Annotated[MixDataSpec, Tag(MIX_TAG)],
+    Discriminator(_data_kind),
+]

@@ -1,4 +1,5 @@
-"""Which modules a pass touches: a regex over module names, an optional layer filter.
+"""Which modules a pass touches: a regex over module names, an optional layer filter; and the generic helpers
+that read and change them (a dense layer's weight, replacing a module, plain attributes checkpoints record).
 
 Dense layers are nn.Linear and GPT-2's Conv1D (transposed weight, fused qkv in `c_attn`).
 """
@@ -6,12 +7,16 @@ Dense layers are nn.Linear and GPT-2's Conv1D (transposed weight, fused qkv in `
 from __future__ import annotations
 
 import re
+from typing import Any
 
+import torch
 from torch import nn
 
 from llmshrink.errors import LlmshrinkError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# Name of the dict, on a module, of the plain attributes a pass changed (see set_module_attrs).
+MODULE_ATTRS = "llmshrink_attrs"
 
 
 def is_dense_layer(module: nn.Module) -> bool:
@@ -22,6 +27,13 @@ def is_dense_layer(module: nn.Module) -> bool:
 def is_bnb_layer(module: nn.Module) -> bool:
     # By module path, so that checking a model without bnb layers never imports bitsandbytes.
     return type(module).__module__.startswith("bitsandbytes.")
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """(out, in) weight of nn.Linear or GPT-2 Conv1D (which stores in x out)."""
+    if type(layer).__name__ == "Conv1D":
+        return layer.weight.detach().T
+    return layer.weight.detach()
 
 
 def layer_index(name: str) -> int | None:
@@ -71,3 +83,19 @@ def shared_weight_names(model: nn.Module, name: str) -> list[str]:
         for other, module in model.named_modules()
         if other != name and getattr(module, "weight", None) is weight
     ]
+
+
+def set_module_attrs(module: nn.Module, **values: Any) -> None:
+    """Set plain attributes (JSON values) that the model config no longer implies, and remember them.
+
+    E.g. a GPT-2 attention keeping 3 of 12 heads reads `split_size` at forward time; checkpoints record
+    these (`module_attrs`) and set them again after rebuilding the model.
+    """
+    for key, value in values.items():
+        setattr(module, key, value)
+    setattr(module, MODULE_ATTRS, {**module.__dict__.get(MODULE_ATTRS, {}), **values})
+
+
+def module_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{dotted name: {attribute: value}} for every module with attributes set by set_module_attrs."""
+    return {name: dict(m.__dict__[MODULE_ATTRS]) for name, m in model.named_modules() if m.__dict__.get(MODULE_ATTRS)}

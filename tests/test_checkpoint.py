@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK
+from conftest import reload_without_llmshrink, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
-    GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -42,9 +37,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64))
+def kron_gpt2() -> GPT2LMHeadModel:
+    model = tiny_gpt2(n_positions=64)
     gen = torch.Generator().manual_seed(1)
     mlp = model.transformer.h[0].mlp  # c_fc: Conv1D 64 -> 256
     mlp.c_fc = KroneckerLinear.from_linear(
@@ -54,22 +48,18 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return model.eval()
 
 
-def llama_config() -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True,
-    )
+def plain_llama() -> LlamaForCausalLM:
+    return tiny_llama(intermediate_size=128, pad_token_id=None)
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config())
+def kron_llama() -> LlamaForCausalLM:
+    model = plain_llama()
     mlp = model.model.layers[1].mlp  # up_proj: Linear 64 -> 128
     mlp.up_proj = KroneckerLinear.from_linear(mlp.up_proj, (8, 8), (16, 8), rank=2)
     return model.eval()
 
 
-BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+BUILDERS = {"gpt2": kron_gpt2, "llama": kron_llama}
 
 
 def save(model, out: Path, **kwargs) -> Path:
@@ -127,45 +117,18 @@ def test_checkpoint_files_and_config(saved):
     assert load_tokenizer(out)("w5 w9 w3")["input_ids"] == [5, 9, 3]
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""try:
-    import llmshrink
-except ImportError:
-    pass
-else:
-    raise SystemExit("llmshrink importable")
-import torch
-from transformers import AutoModelForCausalLM
-ids = torch.load(%(ids)r)
-for name, out in %(outs)r.items():
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    layer = [m for m in model.modules() if type(m).__name__ == "KroneckerLinear"][0]
-    print(name, type(model).__name__, type(layer).__module__)
-assert not any(name.startswith("llmshrink") for name in sys.modules)
-"""
-
-
 def test_remote_code_loads_without_llmshrink(tmp_path):
-    # One subprocess for both models: starting python + transformers is most of this test's time.
     models = {name: build() for name, build in BUILDERS.items()}
-    outs = {name: str(save(model, tmp_path / name)) for name, model in models.items()}
-    torch.save(IDS, tmp_path / "ids.pt")
-    script = REMOTE_SCRIPT % {
-        "repo": str(Path(llmshrink.__file__).parents[1]), "outs": outs, "ids": str(tmp_path / "ids.pt"),
-    }
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.strip()]
-    assert [line[0] for line in lines] == list(models)
-    for name, cls, layer_module in lines:
-        assert cls == f"Llmshrink{type(models[name]).__name__}"
+    outs = {name: save(model, tmp_path / name) for name, model in models.items()}
+    reloaded = reload_without_llmshrink(outs, IDS, layer="KroneckerLinear",
+                                        probe="def probe(model, name):\n    return type(model).__name__\n")
+    assert list(reloaded) == list(models)
+    for name, got in reloaded.items():
+        assert got["probe"] == f"Llmshrink{type(models[name]).__name__}"
         # The layer class came from the checkpoint folder (copied by transformers), not from llmshrink.
-        assert layer_module.startswith(f"transformers_modules.{name}.") and layer_module.endswith(".kronecker")
-        remote = torch.load(f"{outs[name]}.logits.pt")
-        assert (remote - logits(models[name])).abs().max().item() == 0.0
+        assert got["layers"] and all(module.startswith(f"transformers_modules.{name}.")
+                                     and module.endswith(".kronecker") for module in got["layers"])
+        assert (got["logits"] - logits(models[name])).abs().max().item() == 0.0
 
 
 def test_existing_dir_is_refused(tmp_path):
@@ -173,7 +136,7 @@ def test_existing_dir_is_refused(tmp_path):
     out.mkdir()
     (out / "keep").write_text("old")
     with pytest.raises(LlmshrinkError) as err:
-        save(tiny_llama(), out)
+        save(kron_llama(), out)
     assert str(err.value) == f"output.dir: {out} already exists; set output.overwrite: true or choose another dir"
     assert [p.name for p in out.iterdir()] == ["keep"]
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
@@ -183,7 +146,7 @@ def test_overwrite_replaces_atomically(tmp_path):
     out = tmp_path / "x"
     out.mkdir()
     (out / "stale").write_text("old")
-    model = tiny_llama()
+    model = kron_llama()
     save(model, out, overwrite=True)
     assert not (out / "stale").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["x"]  # old copy and temp dir both gone
@@ -202,7 +165,7 @@ def test_failure_midway_leaves_no_trace(tmp_path, monkeypatch, existing):
 
     monkeypatch.setattr(ckpt, "write_remote_code", boom)  # after weights and tokenizer are written
     with pytest.raises(RuntimeError, match="disk full"):
-        save(tiny_llama(), out, overwrite=True)
+        save(kron_llama(), out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == (["x"] if existing else [])
     if existing:
         assert [p.name for p in out.iterdir()] == ["keep"]
@@ -226,7 +189,7 @@ def _rewrite_weights(out: Path, change) -> None:
     ids=["missing", "missing-tied-source", "unexpected", "nan", "shape"],
 )
 def test_corrupt_weights_raise_one_line(tmp_path, change, expected):
-    out = save(tiny_llama(), tmp_path / "x")
+    out = save(kron_llama(), tmp_path / "x")
     _rewrite_weights(out, change)
     with pytest.raises(LlmshrinkError) as err:
         load_checkpoint(out)
@@ -236,14 +199,14 @@ def test_corrupt_weights_raise_one_line(tmp_path, change, expected):
 def test_missing_files_raise_one_line(tmp_path):
     with pytest.raises(LlmshrinkError, match="no such checkpoint directory"):
         load_checkpoint(tmp_path / "nope")
-    out = save(tiny_llama(), tmp_path / "x")
+    out = save(kron_llama(), tmp_path / "x")
     (out / "llmshrink.json").unlink()
     with pytest.raises(LlmshrinkError, match=r"not an llmshrink checkpoint \(no llmshrink.json\)"):
         load_checkpoint(out)
 
 
 def test_layout_errors_name_the_module(tmp_path):
-    model = LlamaForCausalLM(llama_config())
+    model = plain_llama()
     with pytest.raises(LlmshrinkError, match=r"llmshrink_layout.model.nope.x: LlamaForCausalLM has no such module"):
         apply_layout(model, {"model.nope.x": {"type": "KroneckerLinear", "args": {}}})
     with pytest.raises(LlmshrinkError, match="unknown layer type 'Foo'; known: .*KroneckerLinear"):
@@ -254,8 +217,7 @@ def test_layout_errors_name_the_module(tmp_path):
 
 
 def test_uncompressed_model_saves_plain_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=16)).eval()
+    model = tiny_gpt2(layers=1, n_embd=32, n_head=2, n_inner=128, n_positions=16)
     out = save(model, tmp_path / "plain")
     config = json.loads((out / "config.json").read_text())
     assert "auto_map" not in config and config["architectures"] == ["GPT2LMHeadModel"]
@@ -266,8 +228,7 @@ def test_uncompressed_model_saves_plain_checkpoint(tmp_path):
 
 def test_bfloat16_reloads_in_bfloat16(tmp_path):
     # Loaded the way a base model is (from_pretrained keeps the rotary buffers in float32), then compressed.
-    torch.manual_seed(0)
-    LlamaForCausalLM(llama_config()).save_pretrained(tmp_path / "base")
+    plain_llama().save_pretrained(tmp_path / "base")
     model = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16).eval()
     mlp = model.model.layers[0].mlp
     mlp.up_proj = KroneckerLinear.from_linear(mlp.up_proj, (8, 8), (16, 8), rank=2)
@@ -278,8 +239,7 @@ def test_bfloat16_reloads_in_bfloat16(tmp_path):
 
 
 def test_input_dir_is_never_overwritten(tmp_path):
-    torch.manual_seed(0)
-    LlamaForCausalLM(llama_config()).save_pretrained(tmp_path / "base")
+    plain_llama().save_pretrained(tmp_path / "base")
     model = LlamaForCausalLM.from_pretrained(tmp_path / "base")
     before = sorted(p.name for p in (tmp_path / "base").iterdir())
     with pytest.raises(LlmshrinkError, match=r"base is the input model; choose another dir"):

@@ -12,7 +12,7 @@ from conftest import save_tiny, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import llmshrink.checkpoint_load as ckpt_load
 from llmshrink.checkpoint_load import load_checkpoint
@@ -25,10 +25,7 @@ HIDDEN, WIDE = 64, 8192  # the MLPs' dense weights would be 3 x 2 MiB per block
 
 def wide_kronecker_llama() -> LlamaForCausalLM:
     """A Llama whose config says intermediate_size=WIDE, with every MLP projection Kronecker-factored."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(hidden_size=HIDDEN, intermediate_size=8, pad_token_id=None)
     for layer in model.model.layers:
         mlp = layer.mlp
         mlp.gate_proj = KroneckerLinear(HIDDEN, WIDE, (64, 8), (128, 8), bias=False)
@@ -117,10 +114,8 @@ def test_loading_maps_the_weights_instead_of_copying_them(tmp_path):
     # 64 MiB of fp32 weights (mostly the tied embedding). They are paged in from the file when first used;
     # the NaN check reads the file in 4 MiB chunks. Measured growth: 13-21 MiB; 186 MiB before this change
     # (a copy of every weight, plus the mapped file and torch.isfinite's temporaries for the largest one).
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=32768, tie_word_embeddings=True)
-    out = save_tiny(LlamaForCausalLM(config).eval(), tmp_path / "m")
+    out = save_tiny(tiny_llama(layers=1, hidden_size=512, intermediate_size=64, vocab_size=32768, pad_token_id=None),
+                    tmp_path / "m")
     weights = (out / "model.safetensors").stat().st_size
     proc = subprocess.run([sys.executable, "-c", PROBE, str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

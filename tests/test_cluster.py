@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import reload_without_llmshrink, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import llmshrink
 from llmshrink.checkpoint import save_checkpoint
 from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
@@ -288,20 +284,6 @@ def test_packed_indices_halve_the_bytes_on_disk(tmp_path):
     assert size["k16"] < size["k17"] < size["dense"]
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
-import transformers
-torch.set_num_threads(1)  # as in the test process: matmul results depend on the thread split
-ids = torch.load(%(ids)r)
-for name, (auto, out) in %(outs)r.items():
-    model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    torch.save({k: v for k, v in model.state_dict().items() if k.endswith(".indices")}, f"{out}.indices.pt")
-    print(name, type([m for m in model.modules() if type(m).__name__ == "ClusteredLinear"][0]).__module__)
-assert not any(name.startswith("llmshrink") for name in sys.modules)
-"""
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """GPT-2 (4-bit packed), Llama (200 clusters: one uint8 per index) and BERT (3 bits), clustered and saved."""
@@ -330,19 +312,22 @@ def test_checkpoints_reload_exactly(saved):
         assert all(t.dtype == torch.uint8 and torch.equal(t, original[k]) for k, t in reloaded.items())
 
 
-def test_remote_code_reloads_exactly_without_llmshrink(saved, tmp_path):
-    torch.save(IDS, tmp_path / "ids.pt")
-    script = REMOTE_SCRIPT % {"repo": str(Path(llmshrink.__file__).parents[1]), "ids": str(tmp_path / "ids.pt"),
-                              "outs": {name: (auto, str(out)) for name, (_, out, auto) in saved.items()}}
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.strip()]
-    assert [name for name, _ in lines] == list(saved)
-    for name, module in lines:
-        model, out, _ = saved[name]
+CLUSTER_INDICES = """
+def probe(model, name):
+    return {k: v for k, v in model.state_dict().items() if k.endswith(".indices")}
+"""
+
+
+def test_remote_code_reloads_exactly_without_llmshrink(saved):
+    reloaded = reload_without_llmshrink({name: out for name, (_, out, _) in saved.items()}, IDS,
+                                        auto={name: auto for name, (_, _, auto) in saved.items()},
+                                        layer="ClusteredLinear", probe=CLUSTER_INDICES)
+    assert list(reloaded) == list(saved)
+    for name, got in reloaded.items():
+        model = saved[name][0]
         # The layer class came from the checkpoint folder (copied by transformers), not from llmshrink.
-        assert module.startswith(f"transformers_modules.{name}.") and module.endswith(".clustered")
-        assert torch.equal(torch.load(f"{out}.logits.pt"), logits(model))
-        remote, original = torch.load(f"{out}.indices.pt"), packed_indices(model)
+        assert got["layers"] and all(module.startswith(f"transformers_modules.{name}.")
+                                     and module.endswith(".clustered") for module in got["layers"])
+        assert torch.equal(got["logits"], logits(model))
+        remote, original = got["probe"], packed_indices(model)
         assert remote.keys() == original.keys() and all(torch.equal(remote[k], original[k]) for k in remote)

@@ -235,13 +235,8 @@ def test_layer_map_depths():
 
 
 def gpt2(seed: int, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, sharp: bool = False):
-    """A tiny GPT-2 with tiny_gpt2's vocabulary; sharp = confident logits (tied embeddings x 5)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_inner=4 * n_embd, vocab_size=128,
-                        n_positions=128, bos_token_id=1, eos_token_id=1)
-    model = GPT2LMHeadModel(config).eval()
+    """tiny_gpt2 of another size; sharp = confident logits (tied embeddings x 5)."""
+    model = tiny_gpt2(seed, layers=n_layer, n_embd=n_embd, n_head=n_head, n_inner=4 * n_embd)
     if sharp:
         with torch.no_grad():
             model.transformer.wte.weight.mul_(5.0)

@@ -8,17 +8,11 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import n_params, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
-    BertConfig,
-    BertForMaskedLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
 )
@@ -38,58 +32,18 @@ from llmshrink.specs import DataSpec
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 99, 0, 12, 1]])
 
 
-def llama_config(layers: int) -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-
-
-def gpt2_config(layers: int) -> GPT2Config:
-    return GPT2Config(
-        n_layer=layers,
-        n_embd=64,
-        n_head=4,
-        n_inner=128,
-        vocab_size=128,
-        n_positions=128,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-
-
-def bert_config(layers: int) -> BertConfig:
-    return BertConfig(
-        hidden_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-
-
+# family: (tiny builder, its config overrides: 128-wide MLPs, the block list)
 FAMILIES = {
-    "gpt2": (GPT2LMHeadModel, gpt2_config, "transformer.h"),
-    "llama": (LlamaForCausalLM, llama_config, "model.layers"),
-    "bert": (BertForMaskedLM, bert_config, "bert.encoder.layer"),
+    "gpt2": (tiny_gpt2, {"n_inner": 128}, "transformer.h"),
+    "llama": (tiny_llama, {"intermediate_size": 128}, "model.layers"),
+    "bert": (tiny_bert, {}, "bert.encoder.layer"),
 }
 AUTO = {"gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM, "bert": AutoModelForMaskedLM}
 
 
-def build(family: str, layers: int = 4) -> nn.Module:
-    cls, config, _ = FAMILIES[family]
-    torch.manual_seed(0)
-    return cls(config(layers)).eval()
+def build(family: str, layers: int = 4, seed: int = 0) -> nn.Module:
+    builder, overrides, _ = FAMILIES[family]
+    return builder(seed, layers=layers, **overrides)
 
 
 def blocks(model: nn.Module, family: str) -> nn.ModuleList:
@@ -100,10 +54,6 @@ def ctx() -> Context:
     return Context(tokenizer=None, log=lambda _: None)
 
 
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 @torch.no_grad()
 def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
     return model(ids).logits
@@ -111,9 +61,8 @@ def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
 
 def by_hand(original: nn.Module, family: str, kept: list[int]) -> nn.Module:
     """A fresh model of depth len(kept), built by its own constructor, with the kept blocks' weights."""
-    cls, config, name = FAMILIES[family]
-    torch.manual_seed(1)
-    fresh = cls(config(len(kept))).eval()
+    name = FAMILIES[family][2]
+    fresh = build(family, len(kept), seed=1)
     pattern = re.compile(rf"^{re.escape(name)}\.(\d+)\.")
     state = {}
     for key, value in original.state_dict().items():

@@ -164,13 +164,8 @@ def test_macs_bad_lengths_raise():
 
 
 def test_measure_memory_peaks_in_a_subprocess(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                         vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=1, pad_token_id=1)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=4, hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8,
+                       max_position_embeddings=64)
     weights_mib = count_params(model) * 4 / 2**20  # ~52 MiB of fp32
     path = save_tiny(model, tmp_path / "ck")
     out = measure_memory(path, prompt_tokens=8, new_tokens=4, batch_size=2)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gpt2
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -39,11 +40,8 @@ class UniformLM(nn.Module):
 
 @pytest.fixture(scope="module")
 def gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(n_head=2, n_embd=32, n_inner=None, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
+                     eos_token_id=0)
 
 
 @pytest.fixture(scope="module")

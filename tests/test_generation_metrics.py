@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval import generation
+from llmshrink.eval import specs as eval_specs
 from llmshrink.eval.generation import (
     GenerationSpec,
     bleu,
@@ -288,7 +289,7 @@ def test_spec_errors(tmp_path, monkeypatch):
     assert str(err.value) == ("evaluate.generation.data: unknown built-in set 'builtin:dialog_summaries' "
                               "(did you mean builtin:dialogue_summaries?); known: builtin:dialogue_summaries, "
                               "builtin:data_to_text")
-    monkeypatch.setattr(generation, "EVALS_DATA", tmp_path / "gone")
+    monkeypatch.setattr(eval_specs, "EVALS_DATA", tmp_path / "gone")
     with pytest.raises(LlmshrinkError) as err:
         GenerationSpec().resolve()
     assert str(err.value) == (

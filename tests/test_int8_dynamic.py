@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, relative, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import relative, reload_without_llmshrink, tiny_gpt2, tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 from torch import nn
 from torch.nn import functional as F
 
-import llmshrink
 from llmshrink.checkpoint import save_checkpoint
 from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.modules import int8_dynamic
@@ -392,38 +388,25 @@ def test_bf16_model_keeps_fp32_scales_and_reloads(tmp_path):
     assert again.weight_scale.dtype == torch.float32 and torch.equal(again(x), layer(x))
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
-import transformers
-torch.set_num_threads(1)  # as in the test process: same threads, same summation order
-ids = torch.load(%(ids)r)
-for name, out in %(outs)r.items():
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    layers = [m for m in model.modules() if type(m).__name__ == "Int8DynamicLinear"]
-    assert all(m.weight_int8.dtype == torch.int8 for m in layers)
-    print(name, len(layers), type(layers[0]).__module__)
-assert not any(name.startswith("llmshrink") for name in sys.modules)
+INT8_WEIGHTS = """
+import torch
+
+def probe(model, name):
+    return all(m.weight_int8.dtype == torch.int8 for m in model.modules() if type(m).__name__ == "Int8DynamicLinear")
 """
 
 
-def test_remote_code_reloads_exactly_without_llmshrink(saved, tmp_path):
-    torch.save(IDS, tmp_path / "ids.pt")
-    repo = str(Path(llmshrink.__file__).parents[1])
-    script = REMOTE_SCRIPT % {"repo": repo, "ids": str(tmp_path / "ids.pt"),
-                              "outs": {name: str(out) for name, (_, out) in saved.items()}}
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.strip()]
-    assert [(name, int(count)) for name, count, _ in lines] == [("llama", 6), ("gpt2", 4)]
-    for name, _, module in lines:
-        model, out = saved[name]
+def test_remote_code_reloads_exactly_without_llmshrink(saved):
+    reloaded = reload_without_llmshrink({name: out for name, (_, out) in saved.items()}, IDS,
+                                        layer="Int8DynamicLinear", probe=INT8_WEIGHTS)
+    assert [(name, len(got["layers"])) for name, got in reloaded.items()] == [("llama", 6), ("gpt2", 4)]
+    for name, got in reloaded.items():
+        model, _ = saved[name]
+        assert got["probe"] is True  # int8 weights
         # The layer class came from the checkpoint folder (copied by transformers), not from llmshrink.
-        assert module.startswith(f"transformers_modules.{name}.") and module.endswith(".int8_dynamic")
-        assert torch.equal(torch.load(f"{out}.logits.pt"), logits(model))
+        assert all(module.startswith(f"transformers_modules.{name}.") and module.endswith(".int8_dynamic")
+                   for module in got["layers"])
+        assert torch.equal(got["logits"], logits(model))
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import tiny_llama, tiny_tokenizer
 
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError, RecipeError
@@ -22,13 +22,7 @@ KRON = {"targets": MLP, "a_shape": [8, 8], "rank": 1, "permute": False}
 
 
 def deep_llama(layers: int = 4, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, bos_token_id=1,
-                         eos_token_id=1, pad_token_id=1)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, layers=layers, intermediate_size=128, tie_word_embeddings=False)
 
 
 def make_ctx(model, tiny_text, evaluate=None) -> Context:

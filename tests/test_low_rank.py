@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, n_params, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import (
+    AUTO,
+    n_params,
+    reload_without_llmshrink,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from torch import nn
 
-import llmshrink
 from llmshrink.checkpoint import save_checkpoint
 from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
@@ -231,41 +235,22 @@ def save(model: nn.Module, out: Path) -> Path:
     return save_checkpoint(model, tiny_tokenizer(), out, recipe_text=RECIPE, manifest=manifest, model_card="# tiny\n")
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
-import transformers
-torch.set_num_threads(1)  # as in the test process: same threads, same summation order
-ids = torch.load(%(ids)r)
-for name, (auto, out) in %(outs)r.items():
-    model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    print(name, type([m for m in model.modules() if type(m).__name__ == "LowRankLinear"][0]).__module__)
-assert not any(name.startswith("llmshrink") for name in sys.modules)
-"""
-
-
 def test_checkpoints_reload_exactly_with_llmshrink_and_remote_code(tmp_path, tiny_text):
     models = {"gpt2": tiny_gpt2(), "llama": tiny_llama(), "bert": tiny_bert()}
-    autos = {"gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
     outs = {}
     for name, model in models.items():
         apply(model, LowRankConfig(ratio=0.3, activation_aware=name == "llama", calibration_tokens=128),
               ctx(tiny_text))
-        outs[name] = (autos[name], str(save(model, tmp_path / name)))
-        loaded = load_checkpoint(outs[name][1])
+        outs[name] = save(model, tmp_path / name)
+        loaded = load_checkpoint(outs[name])
         assert torch.equal(logits(loaded), logits(model))
         assert n_params(loaded) == n_params(model)
-    torch.save(IDS, tmp_path / "ids.pt")
-    script = REMOTE_SCRIPT % {"repo": str(Path(llmshrink.__file__).parents[1]), "outs": outs,
-                              "ids": str(tmp_path / "ids.pt")}
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.strip()]
-    assert [line[0] for line in lines] == list(models)
-    for name, layer_module in lines:
-        assert layer_module.startswith(f"transformers_modules.{name}.") and layer_module.endswith(".low_rank")
-        assert torch.equal(torch.load(f"{outs[name][1]}.logits.pt"), logits(models[name]))
+    reloaded = reload_without_llmshrink(outs, IDS, auto=AUTO, layer="LowRankLinear")
+    assert list(reloaded) == list(models)
+    for name, got in reloaded.items():
+        assert got["layers"] and all(module.startswith(f"transformers_modules.{name}.")
+                                     and module.endswith(".low_rank") for module in got["layers"])
+        assert torch.equal(got["logits"], logits(models[name]))
 
 
 def test_layer_from_linear_and_conv1d():

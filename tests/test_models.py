@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
-    GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -48,25 +47,14 @@ def save_tiny(tmp_path: Path, model: torch.nn.Module, tokenizer) -> Path:
     return out
 
 
-def tiny_gpt2(vocab: int) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=64)
-    return GPT2LMHeadModel(cfg).eval()
+def gpt2(vocab: int) -> GPT2LMHeadModel:
+    return tiny_gpt2(vocab_size=vocab, n_positions=64)
 
 
-def tiny_llama(vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in SmolLM2
-        tie_word_embeddings=True,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+def llama(vocab: int) -> LlamaForCausalLM:
+    # Grouped-query attention, as in SmolLM2; LlamaConfig's own special token ids (no pad token).
+    return tiny_llama(vocab_size=vocab, intermediate_size=128, max_position_embeddings=64, eos_token_id=2,
+                      pad_token_id=None)
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -74,7 +62,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama"])
 def test_local_dir_loads_same_logits(tmp_path, build):
     tok = tiny_tokenizer()
     ref = build(len(tok))
@@ -95,7 +83,7 @@ def test_local_dir_loads_same_logits(tmp_path, build):
 
 def test_pad_token_defaults_to_eos_and_dtype_follows_spec(tmp_path):
     tok = tiny_tokenizer()
-    out = save_tiny(tmp_path, tiny_llama(len(tok)), tok)
+    out = save_tiny(tmp_path, llama(len(tok)), tok)
 
     loaded = load_base_model(ModelSpec(id=str(out), dtype="bfloat16"))
 
@@ -235,7 +223,7 @@ def write_tiny_llama_gguf(path: Path, ref: LlamaForCausalLM, tokens: list[str], 
 @pytest.mark.parametrize("quant", ["F32", "Q8_0"])
 def test_gguf_file_loads_and_saves(tmp_path, quant):
     tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["he", "ll", "<|endoftext|>"]
-    ref = tiny_llama(len(tokens))
+    ref = llama(len(tokens))
     path = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(path, ref, tokens, quant)
 
@@ -266,7 +254,7 @@ def test_builtin_uses_valid_cache_and_rebuilds_stale(tmp_path, monkeypatch):
     info = llm_models.BUILTIN_MODELS["smollm2-135m"]
     tok = tiny_tokenizer()
     (tmp_path / "models").mkdir()
-    target = save_tiny(tmp_path, tiny_llama(len(tok)), tok).rename(tmp_path / "models" / "smollm2-135m")
+    target = save_tiny(tmp_path, llama(len(tok)), tok).rename(tmp_path / "models" / "smollm2-135m")
     converted: list[str] = []
     monkeypatch.setattr(llm_models, "_convert_builtin", lambda name, *a: converted.append(name))
 

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, calibrated, n_params, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import (
+    AUTO,
+    calibrated,
+    n_params,
+    reload_without_llmshrink,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
@@ -226,22 +231,6 @@ def test_pruned_linear_from_conv1d_and_linear():
     assert isinstance(cols, nn.Linear) and PrunedLinear(**cols.layout_args()).weight.shape == (8, 3)
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
-import transformers
-ids = torch.load(%(ids)r)
-for name, (out, auto) in %(outs)r.items():
-    model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    layers = [m for m in model.modules() if type(m).__name__ == "PrunedLinear"]
-    print(name, type(layers[0]).__module__, len(layers))
-assert not any(name.startswith("llmshrink") for name in sys.modules)
-"""
-
-
-AUTO = {"gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{family: (pruned model, checkpoint dir)}, blocks keeping 3/4 and 1/4 of their neurons."""
@@ -276,23 +265,16 @@ def test_checkpoint_reloads_exactly_with_different_sizes_per_block(checkpoints, 
     assert n_params(loaded) == n_params(model)
 
 
-def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints, tmp_path):
-    # One subprocess for all three: starting python + transformers is most of this test's time.
-    outs = {family: (str(out), AUTO[family]) for family, (_, out) in checkpoints.items()}
-    torch.save(IDS, tmp_path / "ids.pt")
-    script = REMOTE_SCRIPT % {"repo": str(Path(llmshrink.__file__).parents[1]), "outs": outs,
-                              "ids": str(tmp_path / "ids.pt")}
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.strip()]
-    assert [line[0] for line in lines] == list(BUILDERS)
-    for family, module, count in lines:
+def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints):
+    reloaded = reload_without_llmshrink({family: out for family, (_, out) in checkpoints.items()}, IDS, auto=AUTO,
+                                        layer="PrunedLinear")
+    assert list(reloaded) == list(BUILDERS)
+    for family, got in reloaded.items():
         # The layer class came from the checkpoint folder (copied by transformers), not from llmshrink.
-        assert module.startswith(f"transformers_modules.{family}.") and module.endswith(".pruned")
-        assert int(count) == (6 if family == "llama" else 4)
-        remote = torch.load(f"{outs[family][0]}.logits.pt")
-        assert torch.equal(remote, logits(checkpoints[family][0]))
+        assert all(module.startswith(f"transformers_modules.{family}.") and module.endswith(".pruned")
+                   for module in got["layers"])
+        assert len(got["layers"]) == (6 if family == "llama" else 4)
+        assert torch.equal(got["logits"], logits(checkpoints[family][0]))
 
 
 def test_unsupported_model_is_refused_in_one_line():

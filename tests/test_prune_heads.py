@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, calibrated, n_params, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import (
+    AUTO,
+    calibrated,
+    n_params,
+    reload_without_llmshrink,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
@@ -229,21 +234,11 @@ def test_taylor_is_the_loss_derivative_along_a_head_gate():
     assert all(p.grad is None for p in model.parameters())
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
-import transformers
-ids = torch.load(%(ids)r)
-for name, (out, auto) in %(outs)r.items():
-    model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    layer = [m for m in model.modules() if type(m).__name__ == "PrunedLinear"][0]
+HEADS = """
+def probe(model, name):
     attn = [m for m in model.modules() if type(m).__name__ in ("GPT2Attention", "BertSelfAttention")]
-    heads = [getattr(m, "num_heads", getattr(m, "num_attention_heads", None)) for m in attn]
-    print(name, type(layer).__module__, ",".join(map(str, heads)) or "-")
-assert not any(name.startswith("llmshrink") for name in sys.modules)
+    return ",".join(str(getattr(m, "num_heads", getattr(m, "num_attention_heads", None))) for m in attn) or "-"
 """
-
-AUTO = {"gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
 
 
 @pytest.fixture(scope="module")
@@ -283,24 +278,17 @@ def test_checkpoint_reloads_exactly_with_different_heads_per_layer(checkpoints, 
     assert torch.equal(logits(llmshrink.load(again)), logits(model))
 
 
-def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints, tmp_path):
-    # One subprocess for all three: starting python + transformers is most of this test's time.
-    outs = {family: (str(out), AUTO[family]) for family, (_, out) in checkpoints.items()}
-    torch.save(IDS, tmp_path / "ids.pt")
-    script = REMOTE_SCRIPT % {"repo": str(Path(llmshrink.__file__).parents[1]), "outs": outs,
-                              "ids": str(tmp_path / "ids.pt")}
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.strip()]
-    assert [line[0] for line in lines] == list(BUILDERS)
+def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints):
+    reloaded = reload_without_llmshrink({family: out for family, (_, out) in checkpoints.items()}, IDS, auto=AUTO,
+                                        layer="PrunedLinear", probe=HEADS)
+    assert list(reloaded) == list(BUILDERS)
     heads = {"gpt2": "3,1", "llama": "-", "bert": "3,1"}
-    for family, module, count in lines:
+    for family, got in reloaded.items():
         # The layer class came from the checkpoint folder (copied by transformers), not from llmshrink.
-        assert module.startswith(f"transformers_modules.{family}.") and module.endswith(".pruned")
-        assert count == heads[family]
-        remote = torch.load(f"{outs[family][0]}.logits.pt")
-        assert torch.equal(remote, logits(checkpoints[family][0]))
+        assert got["layers"] and all(module.startswith(f"transformers_modules.{family}.")
+                                     and module.endswith(".pruned") for module in got["layers"])
+        assert got["probe"] == heads[family]
+        assert torch.equal(got["logits"], logits(checkpoints[family][0]))
 
 
 def test_unsupported_model_is_refused_in_one_line():

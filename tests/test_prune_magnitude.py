@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import reload_without_llmshrink, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 from torch import nn
 
-import llmshrink
 from llmshrink.checkpoint import save_checkpoint
 from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.sparse import SparseLinear, pack_mask, unpack_mask
-from llmshrink.passes import prune_magnitude
+from llmshrink.passes import distill as distill_pass
 from llmshrink.passes.prune_magnitude import PruneMagnitudeConfig, apply, cubic_schedule
 from llmshrink.recipe import parse_stage
 from llmshrink.specs import DataSpec
@@ -202,7 +198,7 @@ def test_gradual_reaches_final_sparsity_with_pruned_weights_zero_throughout(tiny
     model = tiny_llama()
     context = Context(tokenizer=tiny_tokenizer(), teacher=copy.deepcopy(model),
                       data=DataSpec(source=str(tiny_text), max_tokens=16 * 32), log=lambda _: None)
-    real_distill = prune_magnitude.distill_pass.apply
+    real_distill = distill_pass.apply
     seen = {"rounds": 0, "forwards": 0}
     previous: dict[str, torch.Tensor] = {}
 
@@ -232,7 +228,7 @@ def test_gradual_reaches_final_sparsity_with_pruned_weights_zero_throughout(tiny
         seen["rounds"] += 1
         return record
 
-    monkeypatch.setattr(prune_magnitude.distill_pass, "apply", checked_distill)
+    monkeypatch.setattr(distill_pass, "apply", checked_distill)
     cfg = PruneMagnitudeConfig.model_validate({
         "sparsity": 0.6, "schedule": "gradual", "prune_steps": 3, "steps_per_round": 2, "targets": r".*\.mlp\..*",
         "distill": {"batch_size": 2, "seq_len": 16, "lr": 1e-2, "warmup_steps": 0},
@@ -323,19 +319,6 @@ def test_half_sparsity_shrinks_the_safetensors_file(tmp_path):
     assert block_weights * (4 - 2.125) - 4096 <= saved <= block_weights * (4 - 2.125)  # up to header growth
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
-import transformers
-torch.set_num_threads(1)  # as in the test process: matmul results depend on the thread split
-ids = torch.load(%(ids)r)
-for name, (auto, out) in %(outs)r.items():
-    model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    print(name, type([m for m in model.modules() if type(m).__name__ == "SparseLinear"][0]).__module__)
-assert not any(name.startswith("llmshrink") for name in sys.modules)
-"""
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """GPT-2 (per layer, 50%), Llama (global, 70%) and BERT (per layer, 30%), pruned and saved."""
@@ -361,17 +344,12 @@ def test_checkpoints_reload_exactly(saved):
                                 for k, v in original.items())
 
 
-def test_remote_code_reloads_exactly_without_llmshrink(saved, tmp_path):
-    torch.save(IDS, tmp_path / "ids.pt")
-    script = REMOTE_SCRIPT % {"repo": str(Path(llmshrink.__file__).parents[1]), "ids": str(tmp_path / "ids.pt"),
-                              "outs": {name: (auto, str(out)) for name, (_, out, auto) in saved.items()}}
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.strip()]
-    assert [name for name, _ in lines] == list(saved)
-    for name, module in lines:
-        model, out, _ = saved[name]
+def test_remote_code_reloads_exactly_without_llmshrink(saved):
+    reloaded = reload_without_llmshrink({name: out for name, (_, out, _) in saved.items()}, IDS,
+                                        auto={name: auto for name, (_, _, auto) in saved.items()}, layer="SparseLinear")
+    assert list(reloaded) == list(saved)
+    for name, got in reloaded.items():
         # The layer class came from the checkpoint folder (copied by transformers), not from llmshrink.
-        assert module.startswith(f"transformers_modules.{name}.") and module.endswith(".sparse")
-        assert torch.equal(torch.load(f"{out}.logits.pt"), logits(model))
+        assert got["layers"] and all(module.startswith(f"transformers_modules.{name}.")
+                                     and module.endswith(".sparse") for module in got["layers"])
+        assert torch.equal(got["logits"], logits(saved[name][0]))

@@ -4,20 +4,17 @@ bytes, exact reloads through llmshrink and plain transformers, the recorded sett
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import bitsandbytes
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, quiet_ctx, relative, save_tiny, tiny_gpt2, tiny_llama
+from conftest import quiet_ctx, relative, reload_without_llmshrink, save_tiny, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-import llmshrink
 from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.low_rank import LowRankLinear
@@ -235,20 +232,14 @@ def test_threshold_zero_reloads_with_threshold_zero(tmp_path):
         assert torch.equal(logits(reloaded), logits(model))
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
-import transformers
-torch.set_num_threads(1)  # as in the test process: same threads, same summation order
-ids = torch.load(%(ids)r)
-for out in %(outs)r:
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, device_map="cpu")
-    model.eval()
+PORTABLE_BNB = """
+def prepare(model, name):
     for module in model.modules():  # as llmshrink's layers (see plain_transformers in the test)
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    print(" ".join(sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})))
-assert not any(name.startswith("llmshrink") for name in sys.modules)
+
+def probe(model, name):
+    return " ".join(sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}))
 """
 
 
@@ -268,19 +259,13 @@ def test_compressed_layers_stay_and_the_checkpoint_loads_without_llmshrink(tmp_p
         reloaded = load_checkpoint(out)
         assert all(isinstance(reloaded.get_submodule(name), LowRankLinear) for name in compressed)
         assert torch.equal(logits(reloaded), logits(model))
-        saved[str(out)] = logits(model)
-    torch.save(IDS, tmp_path / "ids.pt")
-    repo = str(Path(llmshrink.__file__).parents[1])
-    script = REMOTE_SCRIPT % {"repo": repo, "ids": str(tmp_path / "ids.pt"), "outs": list(saved)}
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.splitlines()[:2] == ["Linear Linear4bit LowRankLinear",
-                                           "Linear Linear8bitLt LowRankLinear"]
-    for out, want in saved.items():
-        assert torch.equal(torch.load(f"{out}.logits.pt"), want)
+        saved[family] = out, logits(model)
+    reloaded = reload_without_llmshrink({family: out for family, (out, _) in saved.items()}, IDS,
+                                        probe=PORTABLE_BNB, load_kwargs={"device_map": "cpu"})
+    assert [got["probe"] for got in reloaded.values()] == ["Linear Linear4bit LowRankLinear",
+                                                           "Linear Linear8bitLt LowRankLinear"]
+    for family, (_, want) in saved.items():
+        assert torch.equal(reloaded[family]["logits"], want)
 
 
 def test_what_cannot_be_quantized_is_refused_in_one_line():

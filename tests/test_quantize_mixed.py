@@ -7,25 +7,21 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import bitsandbytes
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, calibrated, relative, save_tiny, tiny_gpt2, tiny_llama
+from conftest import calibrated, relative, reload_without_llmshrink, save_tiny, tiny_gpt2, tiny_llama
 from torch import nn
 
-import llmshrink
 from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.perplexity import perplexity
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear
-from llmshrink.passes.quantize import QuantizeConfig, _tensor_bytes, apply
+from llmshrink.passes.quantize import QuantizeConfig, apply
 from llmshrink.passes.quantize_mixed import assign
+from llmshrink.quant_layers import tensor_bytes as _tensor_bytes
 from llmshrink.recipe import parse_stage
 from llmshrink.targeting import find_targets
 
@@ -199,6 +195,19 @@ def test_budget_one_keeps_fp32_the_smallest_budget_keeps_the_cheapest_and_below_
     assert record["bytes_after"] == smallest
 
 
+BNB_KERNEL = """
+def prepare(model, name):
+    for m in model.modules():
+        if name == "portable" and hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+def probe(model, name):
+    layers = " ".join(sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}))
+    return layers, any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
+                       if type(m).__name__ == "Linear4bit")
+"""
+
+
 def test_a_model_mixing_nf4_int8_and_fp32_reloads_exactly_with_llmshrink_and_plain_transformers(tmp_path):
     model = tiny_llama()
     record = apply(model, QuantizeConfig(method="mixed", budget=0.35), calibrated(256))
@@ -213,32 +222,14 @@ def test_a_model_mixing_nf4_int8_and_fp32_reloads_exactly_with_llmshrink_and_pla
         [type(model.get_submodule(layer["name"])) for layer in record["layers"]]
     assert torch.equal(logits(reloaded), after)
 
-    torch.save(IDS, tmp_path / "ids.pt")
-    # Plain transformers, twice: as bitsandbytes picks its kernel, and on the portable path llmshrink keeps.
-    script = WITHOUT_LLMSHRINK % {"repo": str(Path(llmshrink.__file__).parents[1])} + f"""
-import torch, transformers
-torch.set_num_threads(1)
-ids = torch.load({str(tmp_path / 'ids.pt')!r})
-for portable in (True, False):
-    model = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True,
-                                                              device_map="cpu").eval()
-    for m in model.modules():
-        if portable and hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    with torch.no_grad():
-        torch.save(model(ids).logits, {str(tmp_path)!r} + f"/plain-{{portable}}.pt")
-print(" ".join(sorted({{type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__}})))
-print(any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules()
-          if type(m).__name__ == "Linear4bit"))
-"""
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    layers, repacked = run.stdout.splitlines()
+    # Plain transformers, twice: on the portable path llmshrink keeps, and as bitsandbytes picks its kernel.
+    reloaded = reload_without_llmshrink({"portable": out, "native": out}, IDS, probe=BNB_KERNEL,
+                                        load_kwargs={"device_map": "cpu"})
+    layers, repacked = reloaded["native"]["probe"]
     assert layers.split() == ["Int8DynamicLinear", "Linear", "Linear4bit"]
-    assert torch.equal(torch.load(tmp_path / "plain-True.pt"), after)
-    plain = torch.load(tmp_path / "plain-False.pt")
-    if repacked == "True":  # bitsandbytes' bf16 kernel of AVX512-BF16 CPUs: the README's stated bound
+    assert torch.equal(reloaded["portable"]["logits"], after)
+    plain = reloaded["native"]["logits"]
+    if repacked:  # bitsandbytes' bf16 kernel of AVX512-BF16 CPUs: the README's stated bound
         assert relative(plain, after) < 1e-2
     else:
         assert torch.equal(plain, after)

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WITHOUT_LLMSHRINK, n_params, tiny_tokenizer
+from conftest import (
+    AUTO,
+    n_params,
+    reload_without_llmshrink,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
-    BertConfig,
     BertForMaskedLM,
-    GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
@@ -39,25 +41,15 @@ IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 9
 
 
 def llama(layers: int = 4) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=1)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(layers=layers, intermediate_size=128)
 
 
 def gpt2(layers: int = 4) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=layers, n_embd=64, n_head=4, n_inner=128, vocab_size=128, n_positions=128,
-                        bos_token_id=1, eos_token_id=1)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(layers=layers, n_inner=128)
 
 
 def bert(layers: int = 4) -> BertForMaskedLM:
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=128, max_position_embeddings=64)
-    return BertForMaskedLM(config).eval()
+    return tiny_bert(layers=layers)
 
 
 BUILDERS = {"gpt2": gpt2, "llama": llama, "bert": bert}
@@ -307,45 +299,29 @@ def test_broken_share_target_is_one_line(checkpoints, tmp_path):
     )
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""import torch
-import transformers
-ids = torch.load(%(ids)r)
-for name, (out, auto, blocks) in %(outs)r.items():
-    model = getattr(transformers, auto).from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    layers = model.get_submodule(blocks)
-    ref = layers[1]
-    assert ref.block is layers[0] and layers[3].block is layers[2]
+SHARED_REFS = f"""
+def probe(model, name):
+    layers = model.get_submodule({LISTS!r}[name])
+    assert layers[1].block is layers[0] and layers[3].block is layers[2]
     if name == "llama":
-        prompt = ids[:1, :5]
-        torch.save(model.generate(prompt, max_new_tokens=8, do_sample=False), f"{out}.generated.pt")
-    print(name, type(ref).__module__)
-assert not any(name.startswith("llmshrink") for name in sys.modules)
+        return model.generate(ids[:1, :5], max_new_tokens=8, do_sample=False)
+    return None
 """
 
-AUTO = {"gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
 
-
-def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints, tmp_path):
-    # One subprocess for all three: starting python + transformers is most of this test's time.
-    outs = {family: (str(out), AUTO[family], LISTS[family]) for family, (_, out) in checkpoints.items()}
-    torch.save(IDS, tmp_path / "ids.pt")
-    script = REMOTE_SCRIPT % {"repo": str(Path(llmshrink.__file__).parents[1]), "outs": outs,
-                              "ids": str(tmp_path / "ids.pt")}
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.strip()]
-    assert [line[0] for line in lines] == list(BUILDERS)
-    for family, module in lines:
+def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints):
+    reloaded = reload_without_llmshrink({family: out for family, (_, out) in checkpoints.items()}, IDS, auto=AUTO,
+                                        layer="SharedBlockRef", probe=SHARED_REFS)
+    assert list(reloaded) == list(BUILDERS)
+    for family, got in reloaded.items():
         # The ref class came from the checkpoint folder (copied by transformers), not from llmshrink.
-        assert module.startswith(f"transformers_modules.{family}.") and module.endswith(".shared_block")
+        assert got["layers"] and all(module.startswith(f"transformers_modules.{family}.")
+                                     and module.endswith(".shared_block") for module in got["layers"])
         model = checkpoints[family][0]
-        assert torch.equal(torch.load(f"{outs[family][0]}.logits.pt"), logits(model))
+        assert torch.equal(got["logits"], logits(model))
     model = checkpoints["llama"][0]
     expected = model.generate(IDS[:1, :5], max_new_tokens=8, do_sample=False, use_cache=False)
-    assert torch.equal(torch.load(f"{outs['llama'][0]}.generated.pt"), expected)
+    assert torch.equal(reloaded["llama"]["probe"], expected)
 
 
 # --- errors ----------------------------------------------------------------------------------------

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tensorly as tl
 import torch
-from conftest import WITHOUT_LLMSHRINK, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import reload_without_llmshrink, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 from pydantic import ValidationError
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -201,11 +198,7 @@ def test_llama_exact_tt_weight_and_tied_lm_head():
 
 @torch.no_grad()
 def test_bert_encoder_with_biases():
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=128, vocab_size=128, max_position_embeddings=64)).eval()
+    model = tiny_bert()
     params = sum(p.numel() for p in model.parameters())
     cfg = TensorizeConfig(targets=r"bert\.encoder\.layer\.\d+\.(intermediate|output)\.dense", method="tucker",
                           shape={128: [8, 16], 64: [8, 8]}, rank=6)
@@ -236,25 +229,6 @@ def save(model: nn.Module, out: Path) -> Path:
                            model_card="# tiny\n")
 
 
-REMOTE_SCRIPT = WITHOUT_LLMSHRINK + r"""try:
-    import llmshrink
-except ImportError:
-    pass
-else:
-    raise SystemExit("llmshrink importable")
-import torch
-from transformers import AutoModelForCausalLM
-torch.set_num_threads(%(threads)d)  # as in the test process: matmul sums split by thread differ in the last bit
-ids = torch.load(%(ids)r)
-for name, out in %(outs)r.items():
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    with torch.no_grad():
-        torch.save(model(ids).logits, f"{out}.logits.pt")
-    layers = {type(m).__module__ for m in model.modules() if type(m).__name__ == "TensorizedLinear"}
-    print(name, " ".join(sorted(layers)))
-"""
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """The compressed models and their checkpoint dirs (built once: the two tests below read them)."""
@@ -276,22 +250,15 @@ def test_checkpoint_reloads_exactly_through_llmshrink(saved):
         assert (outs[name] / "tensorized.py").read_text() == Path(llmshrink.modules.tensorized.__file__).read_text()
 
 
-def test_checkpoint_reloads_exactly_through_remote_code(saved, tmp_path):
-    # Plain transformers, llmshrink not importable: one subprocess for both models (startup is most of the time).
+def test_checkpoint_reloads_exactly_through_remote_code(saved):
     models, outs = saved
-    torch.save(IDS, tmp_path / "ids.pt")
-    script = REMOTE_SCRIPT % {"repo": str(Path(llmshrink.__file__).parents[1]), "ids": str(tmp_path / "ids.pt"),
-                              "outs": {name: str(out) for name, out in outs.items()},
-                              "threads": torch.get_num_threads()}
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.strip()]
-    assert [line[0] for line in lines] == ["gpt2", "llama"]
-    for name, module in lines:
-        assert module.startswith(f"transformers_modules.{name}.") and module.endswith(".tensorized")
+    reloaded = reload_without_llmshrink(outs, IDS, layer="TensorizedLinear")
+    assert list(reloaded) == ["gpt2", "llama"]
+    for name, got in reloaded.items():
+        assert got["layers"] and all(module.startswith(f"transformers_modules.{name}.")
+                                     and module.endswith(".tensorized") for module in got["layers"])
         with torch.no_grad():
-            assert torch.equal(torch.load(f"{outs[name]}.logits.pt"), models[name](IDS).logits)
+            assert torch.equal(got["logits"], models[name](IDS).logits)
 
 
 # --- errors ------------------------------------------------------------------------------------------

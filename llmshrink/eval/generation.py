@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmshrink.errors import LlmshrinkError, did_you_mean
-from llmshrink.eval import EVALS_DIR
+from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.perplexity import max_positions
-from llmshrink.eval.specs import GenerationSpec  # noqa: F401  (re-exported: its home is eval.specs)
+from llmshrink.eval.specs import (  # noqa: F401  (re-exported: their home is eval.specs)
+    BUILTIN_GENERATION_DATA,
+    DATA_TO_TEXT_PROMPT,
+    EVALS_DATA,
+    FIELD,
+    SUMMARY_PROMPT,
+    GenerationSpec,
+    GenerationTask,
+    resolve_task,
+)
 
 Reference = str | Sequence[str]
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
-SUMMARY_PROMPT = "Summarize the dialogue.\n{input}\nSummary:"
-DATA_TO_TEXT_PROMPT = "Describe the restaurant in one sentence.\n{input}\nDescription:"
-EVALS_DATA = EVALS_DIR / "data"
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -233,62 +237,6 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_
 
 
 # --- recipe section and end-to-end evaluation ------------------------------------------------------
-
-@dataclass(frozen=True)
-class GenerationTask:
-    """A resolved evaluate.generation section: the file to read and how to turn a record into a prompt."""
-
-    path: Path
-    input_field: str
-    target_field: str
-    prompt: str
-
-
-@dataclass(frozen=True)
-class _Builtin:
-    file: str
-    input_field: str
-    target_field: str
-    prompt: str
-
-
-BUILTIN_GENERATION_DATA = {
-    "dialogue_summaries": _Builtin("dialogue_summaries_test.jsonl", "dialogue", "summary", SUMMARY_PROMPT),
-    "data_to_text": _Builtin("data_to_text_test.jsonl", "meaning_representation", "reference",
-                             DATA_TO_TEXT_PROMPT),
-}
-# A local file without explicit fields is read as a summarisation set.
-_FILE_DEFAULTS = _Builtin("", "dialogue", "summary", SUMMARY_PROMPT)
-
-FIELD = "evaluate.generation"
-
-
-def resolve_task(spec: GenerationSpec) -> GenerationTask:
-    """The file, fields and prompt template an evaluate.generation section means (GenerationSpec.resolve)."""
-    if spec.data.startswith("builtin:"):
-        name = spec.data.removeprefix("builtin:")
-        if name not in BUILTIN_GENERATION_DATA:
-            known = ", ".join(f"builtin:{k}" for k in BUILTIN_GENERATION_DATA)
-            hint = did_you_mean(name, BUILTIN_GENERATION_DATA, prefix="builtin:")
-            raise LlmshrinkError(f"{FIELD}.data: unknown built-in set '{spec.data}'{hint}; known: {known}")
-        defaults = BUILTIN_GENERATION_DATA[name]
-        path = EVALS_DATA / defaults.file
-        if not path.is_file():
-            raise LlmshrinkError(
-                f"{FIELD}.data: {spec.data} is read from the package's llmshrink/evals/data, but {path} does "
-                f"not exist (llmshrink installed without its package data?); reinstall llmshrink or give a "
-                f".jsonl path"
-            )
-    else:
-        defaults, path = _FILE_DEFAULTS, Path(spec.data)
-        if not path.is_file():
-            raise LlmshrinkError(
-                f"{FIELD}.data: {path} does not exist (relative paths resolve against the current directory "
-                f"{Path.cwd()}); give a .jsonl file or builtin:{'|builtin:'.join(BUILTIN_GENERATION_DATA)}"
-            )
-    return GenerationTask(path, spec.input_field or defaults.input_field,
-                          spec.target_field or defaults.target_field, spec.prompt or defaults.prompt)
-
 
 def read_pairs(path: Path, input_field: str, target_field: str) -> list[tuple[str, Reference]]:
     """(input, reference) per jsonl record; any bad line -> LlmshrinkError naming file, line and field."""

@@ -1,19 +1,103 @@
-"""What every pass shares: a frozen config model and a JSON-serialisable record; and, for the passes
-that train (distill, local_distill), the training fields and how they become the trainer's arguments."""
+"""What every pass shares: a frozen config model and a JSON-serialisable record; the optional lifecycle hooks
+a pass may give the engine (after the stages, and around the checkpoint); and, for the passes that train
+(distill, local_distill), the training fields and how they become the trainer's arguments."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmshrink.errors import LlmshrinkError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # this module stays torch-free: the configs import it, and `validate` reads only them
+    from pathlib import Path
+
+    from torch import nn
+
     from llmshrink.context import Context
 
 # A record is every decision a pass made, as plain JSON data (dicts, lists, numbers, strings).
 PassRecord = dict[str, Any]
+
+
+# --- lifecycle hooks ---------------------------------------------------------------------------------------
+#
+# A pass is its implementation module, llmshrink/passes/NAME.py, with apply(model, cfg, ctx) -> PassRecord.
+# The module may also define any of the functions below, under these names; the engine reaches them through
+# the registry (PassSpec.hooks), only for the passes that ran, so an implementation is still imported only
+# when its pass runs. Every hook is called once per pass, however many stages (or iterate groups) ran it.
+#
+#   after the last stage, on every process, in the order the passes first ran:
+#       finalize(model, ctx) -> str | None
+#   saving (main process), in reverse order, so that what was added last comes off first:
+#       save_extra(model, directory) -> Extra | None, then, if it returned an Extra, unload_extra(model)
+#   the reload check (main process), in the order the passes ran, onto the reloaded checkpoint:
+#       load_extra(model, directory) -> model
+#
+# save_extra, unload_extra and load_extra come together (a pass defines all three or none).
+
+
+class Finalize(Protocol):
+    def __call__(self, model: nn.Module, ctx: Context) -> str | None:
+        """Settle what the pass left on `model` to be settled after every stage ran (LoRA folds its adapters into
+        the weights here, so that a later distill stage trained them first); runs before the evaluation.
+
+        `ctx` is the run's context, with no stage folder (work_dir is None). Returns a one-line summary, which
+        the engine logs indented under the last stage, or None when there was nothing to do.
+        """
+
+
+@dataclass(frozen=True)
+class Extra:
+    """What save_extra kept apart from the checkpoint: a folder beside it in the output, named in llmshrink.json."""
+
+    name: str  # the folder's name inside the output, and the manifest's key for `manifest`
+    manifest: dict[str, Any] = field(default_factory=dict)  # JSON data
+    # The reload check: the reloaded checkpoint with load_extra must give the logits the model had before
+    # unload_extra to within atol (0: exactly); the manifest's checks record the difference as
+    # "<name>_reload_max_abs_logit_diff". Another code path may sum in another order, hence a tolerance.
+    atol: float = 0.0
+
+
+class SaveExtra(Protocol):
+    def __call__(self, model: nn.Module, directory: Path) -> Extra | None:
+        """Write what the pass added to `model` that the checkpoint does not hold (unmerged LoRA adapters) into
+        `directory`, which does not exist yet; `model` must not change. Returns None, creating nothing, when
+        there is nothing to keep.
+
+        Runs on the main process after the evaluation, before the checkpoint is written; the engine then moves
+        `directory` to <output>/<Extra.name> and stores Extra.manifest under that key of llmshrink.json.
+        """
+
+
+class UnloadExtra(Protocol):
+    def __call__(self, model: nn.Module) -> None:
+        """Take off `model` what save_extra wrote, in place, so that the checkpoint holds the model without it.
+        Called only after save_extra returned an Extra, and after the engine took the logits for the check."""
+
+
+class LoadExtra(Protocol):
+    def __call__(self, model: nn.Module, directory: Path) -> nn.Module:
+        """Put back onto `model` (the checkpoint as reloaded, with the extras of earlier passes already back)
+        what save_extra wrote in `directory` (the folder inside the output being published); returns the model
+        to run, which may wrap `model` (as PeftModel.from_pretrained does). For the reload check only."""
+
+
+@dataclass(frozen=True)
+class PassHooks:
+    """The lifecycle hooks an implementation module defines; None for those it does not."""
+
+    finalize: Finalize | None = None
+    save_extra: SaveExtra | None = None
+    unload_extra: UnloadExtra | None = None
+    load_extra: LoadExtra | None = None
+
+    def __post_init__(self) -> None:
+        extras = [self.save_extra, self.unload_extra, self.load_extra]
+        if any(hook is not None for hook in extras) and any(hook is None for hook in extras):
+            raise TypeError("a pass defines save_extra, unload_extra and load_extra together, or none of them")
 
 
 class PassConfig(BaseModel):

@@ -214,7 +214,7 @@ def _periodic_eval(cfg: DistillConfig, ctx: Context):
     one, else the recipe's evaluate perplexity (ctx.evaluate)."""
     if not cfg.eval_every:
         return None, None
-    if ctx.data is not None and ctx.data.heldout > 0:
+    if ctx.data is not None and ctx.data.heldout > 0:  # a mix: its corpus's held-out part
         from llmshrink.eval.perplexity import perplexity
 
         ids = ctx.heldout_token_ids()[: cfg.eval_tokens]

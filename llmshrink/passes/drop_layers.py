@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmshrink.blocks import count_params, find_blocks
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.drop_layers import DropLayersConfig
-from llmshrink.passes.share_layers import count_params, find_blocks
 
 
 def apply(model: nn.Module, cfg: DropLayersConfig, ctx: Context) -> PassRecord:

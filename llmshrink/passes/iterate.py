@@ -22,6 +22,7 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.iterate import IterateConfig
 from llmshrink.registry import get_pass
+from llmshrink.stages import parse_stage
 from llmshrink.targeting import is_dense_layer, layer_index
 
 
@@ -42,8 +43,6 @@ def block_groups(model, cfg: IterateConfig) -> list[list[int]]:
 
 
 def apply(model, cfg: IterateConfig, ctx: Context) -> PassRecord:
-    from llmshrink.recipe import parse_stage
-
     groups = block_groups(model, cfg)
     stages = [parse_stage(item, "<recipe>", f"iterate.stages[{i}]") for i, item in enumerate(cfg.stages)]
     work_dir, runs = ctx.work_dir, []

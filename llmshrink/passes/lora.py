@@ -7,10 +7,12 @@ transformers model: a later `distill` (train: all) trains exactly the adapters, 
 with requires_grad. llmshrink's LowRankLinear and KroneckerLinear get a LoRA layer of their own through
 peft's custom-module mapping (`LoraConfig._register_custom_module`, experimental in peft 0.21).
 
-At the end of the recipe the adapters must leave the model before it is saved (see `lora_settings`):
-merge: true folds them into the weights (`merge_lora`; a rank-k LowRankLinear becomes rank k + r, exactly:
-[U, sB] [V; A]); merge: false writes them in peft's format (`save_adapter`; reload with `load_adapter` or,
-for Linear/Conv1D targets, plain `PeftModel.from_pretrained`) and takes them out (`unload_lora`).
+At the end of the recipe the adapters must leave the model before it is saved; the engine does it through this
+module's lifecycle hooks (passes/base.py): merge: true folds them into the weights after the last stage
+(`finalize` -> `merge_lora`; a rank-k LowRankLinear becomes rank k + r, exactly: [U, sB] [V; A]); merge: false
+writes them beside the checkpoint, in <output>/adapter/ in peft's format (`save_extra` -> `save_adapter`; reload
+with `load_adapter` or, for Linear/Conv1D targets, plain `PeftModel.from_pretrained`) and takes them out
+(`unload_extra` -> `unload_lora`).
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.kronecker import KroneckerLinear
 from llmshrink.modules.low_rank import LowRankLinear
-from llmshrink.passes.base import PassRecord
+from llmshrink.passes.base import Extra, PassRecord
 from llmshrink.passes.configs.lora import _ALLOWED, LoraPassConfig
 from llmshrink.targeting import is_bnb_layer, is_dense_layer, replace_module, shared_weight_names
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model
+ADAPTER_DIR = "adapter"  # unmerged adapters, in peft's format, inside the output folder
 # On the model: {"merge": bool, "trainable": names that had requires_grad before the adapters froze them}.
 _STATE = "llmshrink_lora"
+
+
 class CompressedLoraLinear(PeftLoraLinear):
     """peft's LoRA Linear over a compressed layer: the base runs as it is, B·A·x is added to its output.
 
@@ -124,7 +129,36 @@ def apply(model: nn.Module, cfg: LoraPassConfig, ctx: Context) -> PassRecord:
     }
 
 
-# --- what the engine calls at the end of the recipe --------------------------------------------------------
+# --- lifecycle hooks: what the engine calls at the end of the recipe (passes/base.py) -----------------------
+
+
+def finalize(model: nn.Module, ctx: Context) -> str | None:
+    """merge: true: fold the adapters into the weights, after every stage (so a later distill trained them first)."""
+    settings = lora_settings(model)
+    if settings is None or not settings["merge"]:
+        return None
+    return f"lora: merged {merge_lora(model)} adapters into the weights"
+
+
+def save_extra(model: nn.Module, directory: Path) -> Extra | None:
+    """merge: false: the adapters in peft's format (PeftModel.from_pretrained loads them); the base weights are
+    saved without them."""
+    if lora_settings(model) is None:
+        return None
+    save_adapter(model, directory)
+    # peft's reload sums the adapter in a different order: equal to float tolerance
+    return Extra(ADAPTER_DIR, {"dir": ADAPTER_DIR, "merged": False}, atol=1e-4)
+
+
+def unload_extra(model: nn.Module) -> None:
+    unload_lora(model)
+
+
+def load_extra(model: nn.Module, directory: Path) -> PeftModel:
+    return load_adapter(model, directory)
+
+
+# --- adapters in and out ----------------------------------------------------------------------------------
 
 
 def has_lora(model: nn.Module) -> bool:

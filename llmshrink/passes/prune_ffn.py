@@ -23,11 +23,10 @@ from torch import nn
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.importance import importance_scores
-from llmshrink.modules.kronecker import dense_weight
 from llmshrink.modules.pruned import PrunedLinear
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.prune_ffn import PruneFfnConfig
-from llmshrink.targeting import is_dense_layer, layer_index, replace_module
+from llmshrink.targeting import dense_weight, is_dense_layer, layer_index, replace_module
 
 SUPPORTED = (
     "Llama-family (mlp.gate_proj/up_proj/down_proj), GPT-2 (mlp.c_fc/c_proj), "

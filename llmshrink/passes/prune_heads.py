@@ -23,15 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmshrink.checkpoint import set_module_attrs
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.importance import importance_scores
-from llmshrink.modules.kronecker import dense_weight
 from llmshrink.modules.pruned import PrunedLinear
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.prune_heads import PruneHeadsConfig
-from llmshrink.targeting import is_dense_layer, layer_index, replace_module
+from llmshrink.targeting import dense_weight, is_dense_layer, layer_index, replace_module, set_module_attrs
 
 SUPPORTED = (
     "GPT-2 (GPT2Attention: c_attn/c_proj), Llama (LlamaAttention: q/k/v/o_proj, GQA), "

@@ -22,9 +22,10 @@ import torch
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.sparse import SparseLinear, dense_weight
-from llmshrink.passes import distill as distill_pass
 from llmshrink.passes.base import PassRecord
+from llmshrink.passes.configs.distill import DistillConfig
 from llmshrink.passes.configs.prune_magnitude import PruneMagnitudeConfig, RoundDistillConfig
+from llmshrink.registry import get_pass
 from llmshrink.targeting import find_targets, replace_module, shared_weight_names
 
 
@@ -84,8 +85,9 @@ def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
                 if work_dir is not None:  # each round's distillation resumes from its own folder
                     ctx.work_dir = work_dir / f"round-{t}"
                 settings = (cfg.distill or RoundDistillConfig()).model_dump(exclude={"steps"})
-                step["distill"] = distill_pass.apply(
-                    model, distill_pass.DistillConfig(**settings, steps=cfg.steps_per_round), ctx
+                # Through the registry, as iterate runs its stages: a pass imports no other pass.
+                step["distill"] = get_pass("distill").apply(
+                    model, DistillConfig(**settings, steps=cfg.steps_per_round), ctx
                 )
                 if ctx.evaluate is not None and t < len(schedule):  # the engine measures after the last
                     step["perplexity"] = ctx.evaluate(model)

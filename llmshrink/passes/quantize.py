@@ -24,11 +24,8 @@ llmshrink's own compressed layers (Kronecker, low-rank, ...) are left in their p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from llmshrink import bnb
 from llmshrink.context import Context
@@ -36,12 +33,12 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear, dense_weight
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.quantize import QuantizeConfig
-from llmshrink.targeting import find_targets, replace_module, shared_weight_names
+from llmshrink.quant_layers import checked_targets, swap_layers, tensor_bytes
 
 CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
     if cfg.method == "mixed":
-        from llmshrink.passes.quantize_mixed import mixed_quantize  # built on this module's helpers
+        from llmshrink.passes.quantize_mixed import mixed_quantize  # built on llmshrink/quant_layers.py too
 
         return mixed_quantize(model, cfg, ctx)
     if cfg.method in CASTS:
@@ -57,7 +54,7 @@ def cast(model: nn.Module, dtype: torch.dtype, method: str) -> PassRecord:
     if any(bnb.is_bnb_layer(m) for m in model.modules()):
         raise LlmshrinkError(f"quantize.method: {method} after bitsandbytes is not supported; cast first "
                              "(bnb-nf4 and bnb-fp4 take compute_dtype: bfloat16)")
-    before = _tensor_bytes(model)
+    before = tensor_bytes(model)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     if dtypes != ["float32"] and dtypes != [str(dtype).removeprefix("torch.")]:
         # The checkpoint rebuilds the model in one dtype, so a model that already mixes them cannot be cast.
@@ -70,14 +67,14 @@ def cast(model: nn.Module, dtype: torch.dtype, method: str) -> PassRecord:
     for module, name, buffer in computed:
         module._buffers[name] = buffer
     return {"method": method, "dtype": str(dtype).removeprefix("torch."), "bytes_before": before,
-            "bytes_after": _tensor_bytes(model)}
+            "bytes_after": tensor_bytes(model)}
 
 
 def int8_dynamic(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         ctx.log("  quantize: no fbgemm on this machine: Int8DynamicLinear computes with dequantized weights")
-    targets = _checked_targets(model, cfg)
-    layers, untied = _swap_layers(model, targets, Int8DynamicLinear.from_linear, lambda new: new.to_dense())
+    targets = checked_targets(model, cfg)
+    layers, untied = swap_layers(model, targets, Int8DynamicLinear.from_linear, lambda new: new.to_dense())
     from llmshrink.modules import COMPRESSED_MODULES
 
     others = tuple(cls for cls in COMPRESSED_MODULES.values() if cls is not Int8DynamicLinear)
@@ -95,14 +92,14 @@ def bnb_quantize(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRec
     compressed = tuple(COMPRESSED_MODULES.values())
     # Compressed layers that are nn.Linear subclasses (pruned, fake-quant) stay as they are: transformers
     # would not rebuild them as bnb layers on load, so the checkpoint would not load without llmshrink.
-    targets = _checked_targets(model, cfg, skip=compressed)
+    targets = checked_targets(model, cfg, skip=compressed)
     if not targets:
         raise LlmshrinkError(f"quantize.targets: {cfg.targets!r} matches only llmshrink's compressed layers, "
                              "which stay in their precision; nothing to quantize")
     spec = cfg.bnb_spec()
     bnb.check_runs(spec, dense_weight(targets[0][1]).device)
     # In the mode of the layer it replaces: bnb-int8 on CPU computes differently in training mode.
-    layers, untied = _swap_layers(
+    layers, untied = swap_layers(
         model, targets, lambda m: bnb.quantize_layer(dense_weight(m), getattr(m, "bias", None), spec).train(m.training),
         bnb.dequantized_weight,
     )
@@ -112,24 +109,6 @@ def bnb_quantize(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRec
             **_summary(layers, kept, cfg.method, ctx), "untied": untied}
 
 
-def _swap_layers(model: nn.Module, targets: list[tuple[str, nn.Module]], build: Callable[[nn.Module], nn.Module],
-                 dequantize: Callable[[nn.Module], torch.Tensor]) -> tuple[list[dict], list[str]]:
-    """Replace each target by build(target); (a record per layer, the tied heads that were untied)."""
-    layers, untied = [], []
-    for name, module in tqdm(targets, desc="quantize", unit="layer", leave=False):
-        weight = dense_weight(module)
-        if shared_weight_names(model, name):  # untie: the embedding keeps the float tensor, the head its copy
-            untied.append(name)
-            model.config.tie_word_embeddings = False
-        new = build(module)
-        with torch.no_grad():
-            error = float((dequantize(new) - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
-        replace_module(model, name, new)
-        layers.append({"name": name, "shape": list(weight.shape), "rel_error": round(error, 6),
-                       "bytes_before": _tensor_bytes(module), "bytes_after": _tensor_bytes(new)})
-    return layers, untied
-
-
 def _summary(layers: list[dict], kept: list[str], precision: str, ctx: Context) -> PassRecord:
     ctx.log(f"  quantize: {len(layers)} layers to {precision}, mean rel. weight error "
             f"{sum(layer['rel_error'] for layer in layers) / len(layers):.4f}"
@@ -137,29 +116,3 @@ def _summary(layers: list[dict], kept: list[str], precision: str, ctx: Context) 
     before, after = sum(lay["bytes_before"] for lay in layers), sum(lay["bytes_after"] for lay in layers)
     return {"layers": layers, "kept": kept, "bytes_before": before, "bytes_after": after,
             "ratio": round(after / before, 6)}
-
-
-def _checked_targets(
-    model: nn.Module, cfg: QuantizeConfig, skip: tuple[type, ...] = ()
-) -> list[tuple[str, nn.Module]]:
-    """The float32 Linear/Conv1D layers to quantize, except `skip` ones and bnb layers (quantized already)."""
-    found = find_targets(model, cfg.targets, cfg.exclude, field="quantize.targets")
-    targets = [(name, m) for name, m in found if not bnb.is_bnb_layer(m) and not isinstance(m, skip)]
-    precision = "4-bit" if cfg.method in bnb.FOUR_BIT else "int8"
-    for name, module in targets:
-        if shared_weight_names(model, name) and cfg.tied_embeddings == "refuse":
-            tied_to = ", ".join(shared_weight_names(model, name))
-            raise LlmshrinkError(
-                f"quantize.targets: {name} shares its weight with {tied_to} (tied embeddings); exclude it, "
-                f"or set tied_embeddings: untie to run it in {precision} alone"
-            )
-        if dense_weight(module).dtype != torch.float32:
-            raise LlmshrinkError(f"quantize.method: {cfg.method} needs float32 layers; {name} is "
-                                 f"{str(dense_weight(module).dtype).removeprefix('torch.')}")
-    return targets
-
-
-def _tensor_bytes(module: nn.Module) -> int:
-    """Bytes of what a checkpoint stores (parameters and saved buffers), each tensor once (tied weights once)."""
-    seen = {id(t): t for t in module.state_dict(keep_vars=True).values()}
-    return sum(t.numel() * t.element_size() for t in seen.values())

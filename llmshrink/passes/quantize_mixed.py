@@ -33,12 +33,12 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.perplexity import max_positions, perplexity
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear, dense_weight
 from llmshrink.passes.base import PassRecord
-from llmshrink.passes.quantize import _checked_targets, _swap_layers, _tensor_bytes
+from llmshrink.quant_layers import checked_targets, swap_layers, tensor_bytes
 from llmshrink.sensitivity import layer_sensitivity
 from llmshrink.targeting import find_targets, shared_weight_names
 
 if TYPE_CHECKING:
-    from llmshrink.passes.quantize import QuantizeConfig
+    from llmshrink.passes.configs.quantize import QuantizeConfig
 
 WINDOW = 512  # calibration window (shorter if the text or the model's positions are)
 
@@ -56,7 +56,7 @@ def mixed_quantize(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassR
     _refuse_tied(model, cfg)
     compressed = tuple(COMPRESSED_MODULES.values())
     # As bnb-*: llmshrink's compressed layers keep their precision (a bnb layer could not replace them).
-    targets = _checked_targets(model, cfg, skip=compressed)
+    targets = checked_targets(model, cfg, skip=compressed)
     if not targets:
         raise LlmshrinkError(f"quantize.targets: {cfg.targets!r} matches only llmshrink's compressed layers, "
                              "which stay in their precision; nothing to quantize")
@@ -136,11 +136,11 @@ def _convert(model: nn.Module, targets: list[tuple[str, nn.Module]], chosen: lis
     converted, untied = {}, []
     for fmt, (build, dequantize) in builders.items():
         members = [target for target, choice in zip(targets, chosen, strict=True) if choice == fmt]
-        layers, untied_here = _swap_layers(model, members, build, dequantize)
+        layers, untied_here = swap_layers(model, members, build, dequantize)
         converted.update((layer["name"], layer) for layer in layers)
         untied += untied_here
     fp32 = {name: {"name": name, "shape": list(dense_weight(module).shape), "rel_error": 0.0,
-                   "bytes_before": _tensor_bytes(module), "bytes_after": _tensor_bytes(module)}
+                   "bytes_before": tensor_bytes(module), "bytes_after": tensor_bytes(module)}
             for name, module in targets if name not in converted}
     return [converted.get(name) or fp32[name] for name, _ in targets], untied
 
@@ -186,12 +186,12 @@ def _builder(fmt: str, spec: bnb.BnbSpec | None) -> Builder:
 def _sizes(targets: list[tuple[str, nn.Module]], builders: dict[str, Builder]) -> list[dict[str, int]]:
     """Checkpoint bytes of each target in each format, from a converted copy of each layer: not from its shape
     alone, as a 4-bit layer's packed quant state (JSON text) varies by a byte or two with its values."""
-    return [{"fp32": _tensor_bytes(module), **{fmt: _tensor_bytes(build(module)) for fmt, (build, _) in builders.items()}}
+    return [{"fp32": tensor_bytes(module), **{fmt: tensor_bytes(build(module)) for fmt, (build, _) in builders.items()}}
             for _, module in targets]
 
 
 def _refuse_tied(model: nn.Module, cfg: QuantizeConfig) -> None:
-    # Before _checked_targets, whose message would name one precision: here the format is not chosen yet.
+    # Before checked_targets, whose message would name one precision: here the format is not chosen yet.
     if cfg.tied_embeddings == "untie":
         return
     for name, _ in find_targets(model, cfg.targets, cfg.exclude, field="quantize.targets"):

@@ -10,11 +10,10 @@ from tqdm.auto import tqdm
 from llmshrink.context import Context
 from llmshrink.decompose.tensor_factor import choose_ranks, decompose, tensor_shape
 from llmshrink.errors import LlmshrinkError
-from llmshrink.modules.kronecker import dense_weight
 from llmshrink.modules.tensorized import TensorizedLinear
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.tensorize import DEFAULT_RATIO, TensorizeConfig
-from llmshrink.targeting import find_targets, replace_module, shared_weight_names
+from llmshrink.targeting import dense_weight, find_targets, replace_module, shared_weight_names
 
 
 def apply(model, cfg: TensorizeConfig, ctx: Context) -> PassRecord:

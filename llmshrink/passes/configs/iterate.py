@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from llmshrink.errors import RecipeError
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import register_pass
+from llmshrink.stages import parse_stage
 
 # Settings that the group decides, so an inner stage must not set them itself.
 _GROUP_FIELDS = ("layers", "select_layers")
@@ -24,8 +25,6 @@ class IterateConfig(PassConfig):
     @field_validator("stages")
     @classmethod
     def _valid_inner_stages(cls, stages: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
-        from llmshrink.recipe import parse_stage
-
         where = info.context or {}
         file, field = where.get("file", "<recipe>"), where.get("field", "iterate")
         grouped = False
