@@ -94,8 +94,8 @@ class TeacherDataSpec(TeacherSampling):
 
 
 class MixDataSpec(Spec):
-    """`data: {source: mix, tokens: N, teacher_share: r, teacher: {...}, corpus: {...}}`: round(N·r) tokens
-    sampled from the teacher and N minus those of the corpus (its max_tokens is set to that)."""
+    """`data: {source: mix, tokens: N, teacher_share: r, teacher: {...}, corpus: {...}}`: N - round(N·r) tokens
+    of the corpus (its max_tokens is set to that), then round(N·r) tokens sampled from the teacher."""
 
     source: Literal["mix"]
     tokens: int = Field(ge=2, description="training tokens in all")

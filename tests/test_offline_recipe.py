@@ -25,6 +25,9 @@ def test_offline_recipe_short_run_reloads_exactly(tmp_path):
         "--set", "stages.1.distill.steps=2",
         "--set", "stages.1.distill.batch_size=1",
         "--set", "stages.1.distill.seq_len=64",
+        "--set", "data.tokens=512",  # the mix: 256 Shakespeare tokens, 256 sampled from the model in batches of 2
+        "--set", "data.teacher.batch_size=2",
+        "--set", "data.teacher.sample_tokens=32",
         "--set", "evaluate.perplexity.0.data.max_tokens=300",
         "--set", "evaluate.perplexity.0.window=128",
         "--set", "evaluate.perplexity.0.stride=64",
@@ -45,6 +48,7 @@ def test_offline_recipe_short_run_reloads_exactly(tmp_path):
     assert manifest["base_model"]["tie_word_embeddings"] is True
     assert manifest["checks"]["reload_max_abs_logit_diff"] == 0.0
     assert 1.0 < base["perplexity"] < 200.0
+    assert manifest["passes"][1]["record"]["blocks"] == 512 // 64  # half corpus, half teacher samples
     assert list(base["perplexity_by_dataset"]) == ["shakespeare", "python_docs"]
     assert base["perplexity_by_dataset"]["shakespeare"] == base["perplexity"]
 

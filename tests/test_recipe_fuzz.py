@@ -37,7 +37,7 @@ CAPS = {"steps": 2, "steps_per_round": 1, "prune_steps": 2, "selection_tokens": 
         "eval_tokens": 32, "iters": 10, "search_iters": 3, "search_restarts": 1, "n_iter_max": 10, "power_iters": 1,
         "batch_size": 2, "seq_len": 16, "max_new_tokens": 4, "max_tokens": 256, "prompt_tokens": 4,
         "new_tokens": 2, "repeats": 1, "warmup_steps": 0, "limit": 2, "window": 32, "stride": 16, "eval_every": 1,
-        "save_every": 1, "group_size": 2}
+        "save_every": 1, "group_size": 2, "tokens": 256, "sample_tokens": 16}
 JUNK = [None, "", "junk", "1e3", -1, 0, 0.5, 3, 1e-9, 10**9, True, [], {}, [1, "x"], {"a": 1}, "~", "null",
         "../elsewhere", "\u00e9\u6f22", float("nan")]
 BAD_REGEXES = [".*mlp(", "[", "(?P<x", "*", "a{2,1}", "\\", "(?<=a+)b", "model\\.layers\\.(\\d+"]
@@ -99,9 +99,11 @@ def tiny_recipe(path: Path, tiny: dict) -> dict:
     raw["model"] = {"id": tiny["gpt2" if raw["model"]["id"].startswith("gpt2") else "llama"]}
     raw["device"] = "cpu"
     data = raw.get("data") or {}
+    if data.get("source") == "mix":  # the teacher samples come from the tiny model; the corpus is the tiny text
+        data = data.setdefault("corpus", {})
     data.pop("config", None)
     data["source"] = tiny["dialogues"] if data.get("template") else tiny["text"]
-    raw["data"] = data
+    raw.setdefault("data", data)
     evaluate = raw.setdefault("evaluate", {})
     evaluate["memory"] = False  # a fresh process per model: tests/test_apply_evaluate.py covers it
     perplexity = evaluate.get("perplexity")

@@ -91,17 +91,17 @@ def test_prompts_start_the_samples(teacher, tmp_path):
     assert set(starts[:-1]) <= firsts and len(set(starts[:-1])) == 2
 
 
-def test_a_mix_holds_teacher_samples_then_corpus_text_at_its_ratio(teacher, tiny_text, tmp_path):
+def test_a_mix_holds_corpus_text_then_teacher_samples_at_its_ratio(teacher, tiny_text, tmp_path):
     corpus = DataSpec(source=str(tiny_text))
     mix = MixDataSpec(source="mix", tokens=400, teacher_share=0.25, corpus=corpus,
                       teacher=TeacherSampling(batch_size=4, sample_tokens=24))
     tokenizer = tiny_tokenizer()
     ids = training_token_ids(mix, tokenizer, "train", teacher, cache_dir=tmp_path)
     assert ids.numel() == 400
-    assert torch.equal(ids[:100], sample(teacher, tokens=100, cache_dir=tmp_path))
     from llmshrink.distill.data import token_ids
 
-    assert torch.equal(ids[100:], token_ids(corpus.model_copy(update={"max_tokens": 300}), tokenizer))
+    assert torch.equal(ids[:300], token_ids(corpus.model_copy(update={"max_tokens": 300}), tokenizer))
+    assert torch.equal(ids[300:], sample(teacher, tokens=100, cache_dir=tmp_path))
 
 
 def test_teacher_data_has_no_heldout_part_and_needs_a_teacher(tiny_text):

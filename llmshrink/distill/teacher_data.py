@@ -77,7 +77,9 @@ def training_token_ids(data, tokenizer, part: str, teacher: nn.Module | None, *,
                        cache_dir: Path | None = None, fingerprint: str = "") -> torch.Tensor:
     """1-D token ids of the recipe's `data:` section, whichever kind it is: a corpus, teacher samples or a mix.
 
-    A mix is its teacher samples, then the corpus: the trainer shuffles whole blocks, so each batch mixes them.
+    A mix is its corpus text, then the teacher samples: the trainer shuffles whole blocks, so each batch mixes
+    them, and passes that calibrate on the first tokens (layer selection, importance) read the corpus, as with
+    a plain corpus.
     """
     from llmshrink.distill.data import token_ids
 
@@ -98,8 +100,7 @@ def training_token_ids(data, tokenizer, part: str, teacher: nn.Module | None, *,
     teacher_ids = teacher_token_ids(data.teacher, sampled, teacher, tokenizer, cache_dir=cache_dir,
                                     fingerprint=fingerprint)
     corpus = data.corpus.model_copy(update={"max_tokens": data.tokens - sampled})
-    corpus_ids = token_ids(corpus, tokenizer, "train")
-    return torch.cat([teacher_ids, corpus_ids])
+    return torch.cat([token_ids(corpus, tokenizer, "train"), teacher_ids])
 
 
 class _PromptSource:
