@@ -163,6 +163,16 @@ def _summary(row: dict) -> str:
     return f"shakespeare {row['shakespeare']:.2f}, python_docs {row['python_docs']:.2f}, {tasks}{extra}"
 
 
+def _order(key: str) -> tuple:
+    """base; then each start: untrained, then data x loss in the order of DATA and LOSSES; the control last."""
+    start, *rest = key.split("/")
+    starts = ["base", *STARTS, "control"]
+    if not rest or rest == ["untrained"]:
+        return starts.index(start), -1, -1
+    data, loss = rest
+    return starts.index(start), DATA.index(data), list(LOSSES).index(loss)
+
+
 def print_table(results: dict) -> None:
     """The Markdown table: every run beside the base, ratios to the base's perplexities."""
     if "base" not in results:
@@ -173,7 +183,7 @@ def print_table(results: dict) -> None:
             *[f"{t} acc" for t in task_names], "tokens", "seconds"]
     print("\n| " + " | ".join(head) + " |")
     print("|---|" + "---:|" * (len(head) - 1))
-    for key, row in results.items():
+    for key, row in sorted(results.items(), key=lambda item: _order(item[0])):
         ratio_in, ratio_out = row["shakespeare"] / base["shakespeare"], row["python_docs"] / base["python_docs"]
         cells = [key, f"{row['params'] / base['params']:.2f}x",
                  f"{row['shakespeare']:.2f} ({ratio_in:.2f}x)", f"{row['python_docs']:.2f} ({ratio_out:.2f}x)",
