@@ -1,4 +1,6 @@
-"""The (N, H) table of the "Comprehensive Study" seed: layers kept x attention heads kept, on SmolLM2-135M.
+"""Blocks kept x attention heads kept on SmolLM2-135M: the shape of the "Comprehensive Study" seed's (N, H)
+table for a decoder, with N read as blocks (its encoder table reads N as FFN neurons per layer: that is
+benchmarks/encoders.py).
 
 For each N, drop_layers removes the 30 - N blocks of least influence (1 - cos(block input, output) on
 calibration text); then, for each H, prune_heads keeps H query heads per remaining layer (whole key-value

@@ -108,7 +108,7 @@ def plans(model: nn.Module, args) -> list[Plan]:
                                 f"{settings}, permutation search {args.perm_iters} iters"))
         elif name == "drop_layers":
             dropped = clamp_count(remove / count_params(blocks[0]), n_blocks - 1)
-            config = {"keep": n_blocks - dropped, "select": "influence", "selection_tokens": calib}
+            config = {"keep": n_blocks - dropped, "select": "influence", "calibration_tokens": calib}
             out.append(Plan("drop_layers", name, config,
                             f"{n_blocks - dropped} of {n_blocks} blocks kept, least block influence removed"))
         elif name == "low_rank":

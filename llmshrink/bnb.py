@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from llmshrink.errors import LlmshrinkError
+from llmshrink.errors import LlmshrinkError, first_line
 from llmshrink.targeting import is_bnb_layer, replace_module
 
 FOUR_BIT = {"bnb-nf4": "nf4", "bnb-fp4": "fp4"}
@@ -61,7 +61,7 @@ def import_bnb(where: str) -> Any:
     try:
         bitsandbytes = import_without_hub_kernel()
     except Exception as err:  # ImportError, or bitsandbytes' own error when its native library cannot load
-        raise LlmshrinkError(f"{where} needs bitsandbytes, which cannot be imported ({_one_line(err)}); "
+        raise LlmshrinkError(f"{where} needs bitsandbytes, which cannot be imported ({first_line(err, with_type=False)[:200]}); "
                              f"use one of {', '.join(FALLBACK)}") from None
     return bitsandbytes
 
@@ -116,7 +116,7 @@ def _probe(spec: BnbSpec, device: torch.device) -> str | None:
         with torch.no_grad():
             out = layer(x.to(device))
     except Exception as err:  # whatever the backend raises (no kernel, no device) means it cannot run here
-        return _one_line(err)
+        return first_line(err, with_type=False)[:200]
     return None if bool(torch.isfinite(out).all()) else "it computes NaN or inf"
 
 
@@ -300,7 +300,7 @@ def _bnb_layer_tensors(files: list[Path]) -> dict[str, tuple[str, dict[str, torc
             with safe_open(str(file), framework="pt") as handle:
                 keys[file] = list(handle.keys())
         except Exception as err:  # safetensors raises its own error types for bad files
-            raise LlmshrinkError(f"{file}: cannot read safetensors: {_one_line(err)}") from None
+            raise LlmshrinkError(f"{file}: cannot read safetensors: {first_line(err, with_type=False)[:200]}") from None
     found: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
     for key in (key for file_keys in keys.values() for key in file_keys):
         if _QUANT_STATE in key:
@@ -323,8 +323,3 @@ def _bnb_layer_tensors(files: list[Path]) -> dict[str, tuple[str, dict[str, torc
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0][:200] if lines else "") or type(err).__name__

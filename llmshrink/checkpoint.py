@@ -2,6 +2,7 @@
 
     out/<name>/  config.json (+ llmshrink_layout, llmshrink_module_attrs, auto_map)  model.safetensors
                  tokenizer files  recipe.yaml  llmshrink.json  README.md  modeling_llmshrink.py  <layer files>.py
+                 (a bare encoder, model.task embedding: modules.json, sentence_bert_config.json, 1_Pooling/ ...)
 
 The layout ({module name: {"type", "args"}}) lives in config.json, so that the remote code (which sees
 only the config) and `load_checkpoint` rebuild the same modules before the weights load. Plain module
@@ -29,6 +30,7 @@ from torch import nn
 
 from llmshrink.bnb import quantization_config
 from llmshrink.checkpoint_files import check_aliases, check_keys, read_json, read_tensor_meta
+from llmshrink.encoders import is_embedding_model, write_sentence_transformers_files
 from llmshrink.errors import LlmshrinkError
 from llmshrink.fileio import make_readable
 from llmshrink.lazy_load import meta_weights
@@ -155,6 +157,8 @@ def write_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         _patch_config(directory, model, base, layout, attrs, quantization)
+        if is_embedding_model(model):  # a bare encoder: also loadable as SentenceTransformer(directory)
+            write_sentence_transformers_files(directory, model, tokenizer)
         _check_saved_keys(model, directory)
         (directory / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
         (directory / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")

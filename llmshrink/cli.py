@@ -11,7 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from llmshrink.errors import LlmshrinkError
+from llmshrink.errors import LlmshrinkError, first_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,14 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug or an environment failure: one line, the traceback on request
         if debug:
             traceback.print_exc()
-        print(f"llmshrink: error: {args.command} failed: {_one_line(err)}"
+        print(f"llmshrink: error: {args.command} failed: {first_line(err)}"
               + ("" if debug else " (run with --debug for the traceback)"), file=sys.stderr)
         return 1
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("-o", "--output", default=".", help="directory for comparison.md/.json and pareto.png")
     compare.add_argument("--metric", default="perplexity",
                          help="y axis of the Pareto plot, e.g. perplexity (the dataset marked domain: out, if "
-                              "any), perplexity_by_dataset/NAME or lm_eval/TASK/acc")
+                              "any; for encoders, which have none: accuracy or spearman), "
+                              "perplexity_by_dataset/NAME or lm_eval/TASK/acc")
     compare.add_argument("--no-base", action="store_true", help="leave the base model rows out")
     direction = compare.add_mutually_exclusive_group()
     direction.add_argument("--higher-is-better", dest="higher_better", action="store_const", const=True)
@@ -158,7 +154,7 @@ def _eval(args) -> int:
     try:
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise LlmshrinkError(f"eval: cannot load the tokenizer of {path}: {_one_line(err)}") from err
+        raise LlmshrinkError(f"eval: cannot load the tokenizer of {path}: {first_line(err)}") from err
     model = load_checkpoint(path, device=device)
     out = run_lm_eval(model, tokenizer, args.tasks, include_path=args.include_path, limit=args.limit,
                       batch_size=args.batch_size, num_fewshot=args.num_fewshot)

@@ -39,7 +39,7 @@ MANIFEST = "llmshrink.json"
 MD_NAME, JSON_NAME, PNG_NAME = "comparison.md", "comparison.json", "pareto.png"
 
 # Measured anew on every run and noisy, so a base measured twice is expected to differ in these.
-_TIMING = re.compile(r"(tokens_per_s|_ms|_seconds|peak_ram)")
+_TIMING = re.compile(r"(per_s|_ms|_seconds|peak_ram)")  # tokens_per_s, examples_per_s, batch_ms, ...
 
 # Direction of a metric, from the words of its last name part ("lm_eval/arc_easy/acc_norm,none" ->
 # "acc", "norm"; the ",filter" suffix of lm-eval is dropped). Any cost word -> lower is better; else
@@ -47,8 +47,12 @@ _TIMING = re.compile(r"(tokens_per_s|_ms|_seconds|peak_ram)")
 _COST_WORDS = {"perplexity", "ppl", "loss", "nll", "bpb", "bits", "error", "err", "wer", "cer", "ter",
                "stderr", "ms", "seconds", "bytes", "params", "macs", "ram", "latency"}
 _SCORE_WORDS = {"acc", "accuracy", "f1", "em", "exact", "match", "mc1", "mc2", "mcc", "score", "meteor",
-                "chrf", "sacrebleu", "throughput"}
+                "chrf", "sacrebleu", "throughput", "matthews", "corrcoef", "spearman", "pearson"}
 _SCORE_PREFIXES = ("acc", "rouge", "bleu", "pass@")
+
+
+# What `compare` plots by default for encoders, which have no perplexity (their evaluator's primary scores).
+ENCODER_SCORES = ("accuracy", "spearman")
 
 
 def higher_is_better(metric: str) -> bool | None:
@@ -242,6 +246,8 @@ def _perplexity_keys(rows: list[Row]) -> list[str]:
     """A column per named perplexity dataset present; plain perplexity where a row has no names (or none has)."""
     named = list(dict.fromkeys(k for r in rows for k in r.metrics if k.startswith(f"{BY_DATASET}/")))
     unnamed = any("perplexity" in r.metrics and not any(k in r.metrics for k in named) for r in rows)
+    if not named and not any("perplexity" in r.metrics for r in rows):
+        return []  # encoders: scored on their task, shown as the plotted metric's column
     return (["perplexity"] if unnamed or not named else []) + named
 
 
@@ -251,7 +257,11 @@ def _main_table(rows: list[Row], metric: str) -> str:
     header = ["name", "passes", "params", "size (MB)", "size ratio"]
     for key in keys:
         header += [_column(key), f"{_metric_label(key)} ratio"]
-    header += ["decode tok/s", "speedup", "compress (s)", "Pareto"]
+    # Speed: decoders' decode rate; encoders' examples per second (one forward over a batch).
+    speed = "decode_tokens_per_s" if any("decode_tokens_per_s" in r.metrics for r in rows) or not any(
+        "examples_per_s" in r.metrics for r in rows) else "examples_per_s"
+    header += ["decode tok/s" if speed == "decode_tokens_per_s" else "examples/s", "speedup", "compress (s)",
+               "Pareto"]
     body = []
     for row in rows:
         cells = [row.name, " + ".join(row.passes) or ("(base)" if row.kind == "base" else "(none)"),
@@ -259,7 +269,7 @@ def _main_table(rows: list[Row], metric: str) -> str:
         for key in keys:
             cells += [_cell(row, key), _ratio_cell(row, key)]
         pareto = MISSING if row.pareto is None else ("**yes**" if row.pareto else "no")
-        cells += [_cell(row, "decode_tokens_per_s"), _ratio_cell(row, "decode_tokens_per_s"),
+        cells += [_cell(row, speed), _ratio_cell(row, speed),
                   _cell(row, "compress_seconds"), pareto]
         body.append(cells)
     return _md_table(header, body)
@@ -284,7 +294,7 @@ def render_markdown(data: dict, rows: list[Row], png_name: str | None = PNG_NAME
     parts += [
         f"Pareto front on size on disk (smaller is better) and {metric} ({better} is better): a row marked "
         "**yes** is beaten on both by no other row. Ratios are each checkpoint's value / its base model's, "
-        "measured in the same run; speedup is the decode tokens/s ratio.",
+        "measured in the same run; speedup is the decode tokens/s ratio (for encoders, examples/s).",
         _main_table(rows, data["metric"]),
     ]
     if png_name:
@@ -356,6 +366,8 @@ def compare(
     if include_base:
         rows = base_rows + rows
     available = _all_keys(rows)
+    if metric == "perplexity" and "perplexity" not in available:  # encoders: their task's primary score
+        metric = next((key for key in ENCODER_SCORES if key in available), metric)
     label = metric
     out_name = out_of_domain([c.manifest for c in checkpoints]) if metric == "perplexity" else None
     if out_name is not None and f"{BY_DATASET}/{out_name}" in available:

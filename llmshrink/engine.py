@@ -29,6 +29,7 @@ from llmshrink.hub import model_card
 from llmshrink.passes.base import Extra, LoadExtra
 from llmshrink.recipe import LoadedRecipe, Recipe
 from llmshrink.registry import PassSpec, get_pass, passes_run
+from llmshrink.specs import ModelSpec
 
 # Inside the work folder (work_dir_for): the stages' resumable state, teacher samples (both kept for a rerun
 # after a failure), the output being written, the passes' extras (save_extra) until it is, and an existing
@@ -78,21 +79,23 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
     steps = 5 + len(loaded.stages)
     step = iter(range(1, steps + 1))
 
-    log(f"[{next(step)}/{steps}] load {recipe.model.id}")
-    base_loaded = load_base_model(recipe.model, device=device, log=log)  # may download/convert once (cached)
+    model_spec = _model_spec(recipe)
+    log(f"[{next(step)}/{steps}] load {model_spec.id}")
+    base_loaded = load_base_model(model_spec, device=device, log=log)  # may download/convert once (cached)
     model, tokenizer = base_loaded.model, base_loaded.tokenizer
     evaluator = Evaluator(recipe, tokenizer, device)
 
     # A second, timed load gives a fair load time (the first may have converted a GGUF) and the teacher:
     # an untouched copy of the base, evaluated after the stages so that a bad stage fails fast.
     start = time.perf_counter()
-    teacher = load_base_model(recipe.model, device=device, log=log).model
+    teacher = load_base_model(model_spec, device=device, log=log).model
     load_seconds = time.perf_counter() - start
     teacher.requires_grad_(False).eval()
     ctx = Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log,
-                  samples_dir=work_root / SAMPLES_DIR, teacher_fingerprint=recipe.model.model_dump_json())
-    if recipe.evaluate.after_each_stage and evaluator.has_perplexity:
-        ctx.evaluate = evaluator.perplexity  # passes with inner steps (iterate) report after each
+                  samples_dir=work_root / SAMPLES_DIR, teacher_fingerprint=model_spec.model_dump_json(), task=recipe.task)
+    if recipe.evaluate.after_each_stage and evaluator.has_quality:
+        # passes with inner steps (iterate) report after each
+        ctx.evaluate, ctx.evaluate_name = evaluator.quality, evaluator.quality_name
 
     stage_rows, records = [], []
     with passes_run() as ran:  # the passes that ran, inner ones included, in order: their hooks run below
@@ -103,9 +106,10 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
             record = get_pass(stage.name).apply(model, stage.config, ctx)
             seconds = time.perf_counter() - start
             row = {"stage": f"{index}:{stage.name}", "seconds": round(seconds, 2), "params": evaluator.params(model)}
-            if recipe.evaluate.after_each_stage and evaluator.has_perplexity:
-                row["perplexity"] = evaluator.perplexity(model)
-                log(f"  perplexity after {stage.name}: {row['perplexity']:.2f}")
+            if recipe.evaluate.after_each_stage and evaluator.has_quality:
+                name = evaluator.quality_name
+                row[name] = evaluator.quality(model)
+                log(f"  {name} after {stage.name}: {row[name]:.4g}")
             stage_rows.append(row)
             records.append(
                 {"pass": stage.name, "config": stage.config.model_dump(mode="json"), "record": record,
@@ -122,13 +126,15 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
         log(f"process {os.environ.get('RANK')}: stages done; the main process evaluates and saves")
         return {}
 
+    # The base is the teacher the passes distilled from: the model as loaded, or as a finetune stage left it.
+    teacher = ctx.teacher
     log(f"[{next(step)}/{steps}] evaluate base model")
     base = evaluator.measure(teacher, "base", log)
     base["load_seconds"] = load_seconds
     base.update(evaluator.tasks(teacher, "base", log))
 
     log(f"[{next(step)}/{steps}] evaluate compressed model")
-    known = stage_rows[-1].get("perplexity") if stage_rows else None
+    known = stage_rows[-1].get("perplexity") if stage_rows else None  # (decoders: the last stage measured it)
     compressed = evaluator.measure(model, "compressed", log, known_ppl=known)
     compressed["compress_seconds"] = sum(row["seconds"] for row in stage_rows)
     compressed.update(evaluator.tasks(model, "compressed", log))
@@ -156,8 +162,9 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
     _verify(model, extras, staging, manifest, evaluator, device, out_dir)
     compressed["size_bytes"] = dir_size(staging, weights_only=True)
     if recipe.evaluate.memory:
-        log("  peak RAM: loading and generating, each model in a fresh process")
-        base.update(evaluator.memory(recipe.model.id, device))
+        doing = "generating" if evaluator.encoder is None else "one forward"
+        log(f"  peak RAM: loading and {doing}, each model in a fresh process")
+        base.update(evaluator.memory(model_spec, device))
         compressed.update(evaluator.memory(staging, device))
         manifest["evaluation"]["memory"] = evaluator.protocols["memory"]
     _finish_staging(staging, manifest, loaded, type(model).__name__, base_loaded.notes, evaluator)
@@ -195,7 +202,7 @@ def _write_staging(model, tokenizer, ran: list[PassSpec], staging: Path, work_ro
             continue
         if extra.name in manifest or any(s.extra.name == extra.name for s in saved):
             raise LlmshrinkError(f"{spec.name}: save_extra: {extra.name!r} is taken in the output's manifest")
-        saved.append(_SavedExtra(extra, scratch, hooks.load_extra, _logits(model, evaluator.probe_ids())))
+        saved.append(_SavedExtra(extra, scratch, hooks.load_extra, evaluator.outputs(model)))
         hooks.unload_extra(model)
     saved.reverse()
     for item in saved:
@@ -215,13 +222,14 @@ def _verify(model, extras: list[_SavedExtra], staging: Path, manifest: dict, eva
     start = time.perf_counter()
     reloaded = load_checkpoint(staging, device=device)
     manifest["metrics"]["compressed"]["load_seconds"] = time.perf_counter() - start
-    manifest["checks"] = {"reload_max_abs_logit_diff": _max_logit_diff(model, reloaded, evaluator.probe_ids())}
+    diff = float((evaluator.outputs(model) - evaluator.outputs(reloaded)).abs().max())
+    manifest["checks"] = {"reload_max_abs_logit_diff": diff}
     if manifest["checks"]["reload_max_abs_logit_diff"] != 0.0:
         raise LlmshrinkError(f"{out_dir}: reloaded model differs from the compressed one: {manifest['checks']}")
     for item in extras:
         name = item.extra.name
         reloaded = item.load(reloaded, staging / name)
-        diff = float((_logits(reloaded, evaluator.probe_ids()) - item.logits).abs().max())
+        diff = float((evaluator.outputs(reloaded) - item.logits).abs().max())
         manifest["checks"][f"{name}_reload_max_abs_logit_diff"] = diff
         if diff > item.extra.atol:
             raise LlmshrinkError(f"{out_dir}: the reloaded {name} changes the logits by {diff:.3g}")
@@ -235,7 +243,8 @@ def _finish_staging(staging: Path, manifest: dict, loaded: LoadedRecipe, archite
     _rewrite_manifest(staging, manifest)
     curves = "training_curves.png" if save_training_curves(records, staging / "training_curves.png") else None
     write_report_md(staging / "report.md", loaded.recipe.name, metrics["base"], metrics["compressed"],
-                    manifest["stages"], evaluator.protocol, notes, curves_png=curves)
+                    manifest["stages"], evaluator.protocol, notes, curves_png=curves,
+                    protocols=evaluator.protocols)
 
 
 def _clear_leftovers(work_root: Path, out_dir: Path) -> None:
@@ -291,13 +300,14 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids).logits
+def _model_spec(recipe) -> ModelSpec:
+    """The recipe's model; a classifier's label count, when the recipe leaves it out, from its task's data."""
+    spec = recipe.model
+    if spec.task == "sequence_classification" and spec.num_labels is None:
+        from llmshrink.task_data import num_labels
 
-
-def _max_logit_diff(a, b, ids: torch.Tensor) -> float:
-    return float((_logits(a, ids) - _logits(b, ids)).abs().max())
+        spec = spec.model_copy(update={"num_labels": num_labels(recipe.task, "train")})
+    return spec
 
 
 def _rewrite_manifest(out_dir: Path, manifest: dict) -> None:

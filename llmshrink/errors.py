@@ -20,3 +20,11 @@ def did_you_mean(name: str, known, prefix: str = "") -> str:
 
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.4)
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def first_line(err: BaseException, *, with_type: bool = True) -> str:
+    """An exception in one line: its first non-blank line, after its type name unless `with_type` is False."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return f"{type(err).__name__}: {lines[0]}" if with_type else lines[0]

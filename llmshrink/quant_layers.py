@@ -12,7 +12,14 @@ from tqdm.auto import tqdm
 
 from llmshrink import bnb
 from llmshrink.errors import LlmshrinkError
-from llmshrink.targeting import dense_weight, find_targets, replace_module, shared_weight_names
+from llmshrink.targeting import (
+    check_tied,
+    dense_weight,
+    find_targets,
+    replace_module,
+    shared_weight_names,
+    untie,
+)
 
 if TYPE_CHECKING:
     from llmshrink.passes.configs.quantize import QuantizeConfig
@@ -25,8 +32,8 @@ def swap_layers(model: nn.Module, targets: list[tuple[str, nn.Module]], build: C
     for name, module in tqdm(targets, desc="quantize", unit="layer", leave=False):
         weight = dense_weight(module)
         if shared_weight_names(model, name):  # untie: the embedding keeps the float tensor, the head its copy
+            untie(model, name)
             untied.append(name)
-            model.config.tie_word_embeddings = False
         new = build(module)
         with torch.no_grad():
             error = float((dequantize(new) - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
@@ -40,16 +47,11 @@ def checked_targets(
     model: nn.Module, cfg: QuantizeConfig, skip: tuple[type, ...] = ()
 ) -> list[tuple[str, nn.Module]]:
     """The float32 Linear/Conv1D layers to quantize, except `skip` ones and bnb layers (quantized already)."""
-    found = find_targets(model, cfg.targets, cfg.exclude, field="quantize.targets")
+    found = find_targets(model, cfg.targets, cfg.exclude, cfg.layers, field="quantize.targets")
     targets = [(name, m) for name, m in found if not bnb.is_bnb_layer(m) and not isinstance(m, skip)]
     precision = "4-bit" if cfg.method in bnb.FOUR_BIT else "int8"
+    check_tied(model, targets, cfg.tied_embeddings, "quantize", f"run it in {precision}", note=None)
     for name, module in targets:
-        if shared_weight_names(model, name) and cfg.tied_embeddings == "refuse":
-            tied_to = ", ".join(shared_weight_names(model, name))
-            raise LlmshrinkError(
-                f"quantize.targets: {name} shares its weight with {tied_to} (tied embeddings); exclude it, "
-                f"or set tied_embeddings: untie to run it in {precision} alone"
-            )
         if dense_weight(module).dtype != torch.float32:
             raise LlmshrinkError(f"quantize.method: {cfg.method} needs float32 layers; {name} is "
                                  f"{str(dense_weight(module).dtype).removeprefix('torch.')}")

@@ -19,102 +19,42 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, ValidationError
 
 from llmshrink.errors import RecipeError, did_you_mean
-from llmshrink.eval.specs import GenerationSpec, LmEvalSpec
-from llmshrink.specs import DataSpec, MixDataSpec, ModelSpec, Spec, TeacherDataSpec, TrainingData
+from llmshrink.eval.specs import (  # noqa: F401 (re-exported: the recipe's evaluate: section)
+    PERPLEXITY_BRANCHES,
+    EvaluateSpec,
+    GenerationSpec,
+    LatencySpec,
+    LmEvalSpec,
+    PerplexitySpec,
+)
+from llmshrink.specs import (
+    LOCAL_DATA_SUFFIXES,
+    DataSpec,
+    MixDataSpec,
+    ModelSpec,
+    Spec,
+    TeacherDataSpec,
+    TrainingData,
+)
 from llmshrink.stages import Stage, describe_error, parse_stage
-
-
-class PerplexitySpec(Spec):
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$",
-                             description="how reports name this dataset; defaults to the data source's name")
-    domain: Literal["in", "out"] = Field("in", description="out: a text the recovery never saw (compare plots it)")
-    data: DataSpec = DataSpec(split="test")
-    window: int = Field(512, ge=2, description="tokens the model sees at once")
-    stride: int = Field(256, ge=1, description="new tokens scored per window")
-    batch_size: int = Field(1, ge=1)
-    add_bos: bool = Field(False, description="prepend the BOS token to every window")
-
-    @field_validator("stride")
-    @classmethod
-    def _stride_fits_window(cls, stride: int, info: ValidationInfo) -> int:
-        window = info.data.get("window")
-        if window is not None and stride > window:
-            raise PydanticCustomError("stride", "must be at most the window ({window})", {"window": window})
-        return stride
-
-    @property
-    def label(self) -> str:
-        """The name, else the data source's: builtin:shakespeare -> shakespeare, held/out.txt -> out."""
-        if self.name is not None:
-            return self.name
-        source = self.data.source.removeprefix("builtin:").rstrip("/")
-        path = Path(source)
-        stem = path.stem if path.suffix.lower() in LOCAL_DATA_SUFFIXES else path.name
-        return re.sub(r"[^\w.-]+", "-", stem).strip("-.") or "text"
-
-
-# Pydantic names the branch of the one-or-list union in error paths; describe_error leaves these names out.
-_ONE, _LIST = "one perplexity spec", "list of perplexity specs"
-
-
-def _one_or_list(value: Any) -> str:
-    return _LIST if isinstance(value, list) else _ONE
-
-
-PerplexitySpecs = Annotated[
-    Annotated[PerplexitySpec, Tag(_ONE)] | Annotated[list[PerplexitySpec], Tag(_LIST)], Discriminator(_one_or_list)
-]
-
-
-class LatencySpec(Spec):
-    prompt_tokens: int = Field(32, ge=1)
-    new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(1, ge=1)
-    repeats: int = Field(3, ge=1)
-
-
-class EvaluateSpec(Spec):
-    perplexity: PerplexitySpecs | None = Field(
-        PerplexitySpec(), description="one spec, or a list of named ones: the first is the primary one"
-    )
-    latency: LatencySpec | None = LatencySpec()
-    generation: GenerationSpec | None = Field(None, description="greedy generation scored with ROUGE/BLEU/METEOR")
-    lm_eval: LmEvalSpec | None = Field(None, description="lm-eval tasks (registry names or llmshrink/evals/ YAMLs)")
-    macs: bool = Field(True, description="MACs per token (prefill and decode), counted from the modules")
-    memory: bool = Field(True, description="peak RAM while loading and generating, each in a fresh process")
-    after_each_stage: bool = Field(True, description="perplexity after every stage, not only at the end")
-
-    @field_validator("perplexity")
-    @classmethod
-    def _unique_names(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            seen: dict[str, int] = {}
-            for index, spec in enumerate(value):
-                if spec.label in seen:
-                    raise PydanticCustomError(
-                        "duplicate_name", "duplicate name '{name}' (also evaluate.perplexity[{first}]); each "
-                        "dataset needs its own name", {"name": spec.label, "first": seen[spec.label], "index": index})
-                seen[spec.label] = index
-        return value
-
-    @property
-    def perplexity_specs(self) -> list[PerplexitySpec]:
-        """The perplexity datasets, the primary one first; [] when perplexity is off."""
-        if self.perplexity is None:
-            return []
-        return list(self.perplexity) if isinstance(self.perplexity, list) else [self.perplexity]
+from llmshrink.task_data import TaskSpec
 
 
 class OutputSpec(Spec):
     dir: str
     overwrite: bool = Field(False, description="replace an existing checkpoint directory (atomically)")
+
+
+# Which task kind each encoder model.task is scored on.
+TASK_KIND = {"sequence_classification": "classification", "embedding": "similarity"}
+# Measurements of a language model's text: not for encoders (their evaluate: section measures `task:`).
+_LM_ONLY = ("perplexity", "generation", "lm_eval")
 
 
 class Recipe(Spec):
@@ -123,10 +63,31 @@ class Recipe(Spec):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec = ModelSpec()
+    task: TaskSpec | None = Field(None, description="encoders: the labeled task they are fine-tuned, distilled "
+                                  "and scored on")
     data: TrainingData | None = None
     stages: list[Any] = Field(default_factory=list)
     evaluate: EvaluateSpec = EvaluateSpec()
     output: OutputSpec
+
+
+def check_task(recipe: Recipe, file: str) -> None:
+    """An encoder (model.task other than causal_lm) is scored on a `task:` of its kind, not on text."""
+    kind = TASK_KIND.get(recipe.model.task)
+    if kind is None:
+        if recipe.task is not None:
+            raise RecipeError(file, "task", "only for encoders (model.task: sequence_classification or embedding); "
+                                            "model.task is causal_lm")
+        return
+    if recipe.task is None:
+        raise RecipeError(file, "task", f"required for model.task {recipe.model.task}: the {kind} task it is scored on")
+    if recipe.task.kind != kind:
+        raise RecipeError(file, "task.kind", f"model.task {recipe.model.task} is scored on a {kind} task, "
+                                             f"got {recipe.task.kind!r}")
+    for key in _LM_ONLY:
+        if key in recipe.evaluate.model_fields_set and getattr(recipe.evaluate, key) is not None:
+            raise RecipeError(file, f"evaluate.{key}", "measures a language model's text; an encoder is scored on "
+                                                       "its task: section (remove it, or set it to null)")
 
 
 class _Loader(yaml.SafeLoader):
@@ -171,7 +132,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(file, *describe_error(err, Recipe, prefix="", branches=(_ONE, _LIST))) from None
+        raise RecipeError(file, *describe_error(err, Recipe, prefix="", branches=PERPLEXITY_BRANCHES)) from None
+    check_task(recipe, file)
     stages = [parse_stage(item, file, f"stages[{i}]") for i, item in enumerate(recipe.stages)]
     check_local_files(recipe, file)
     text = yaml.safe_dump(raw, sort_keys=False) if overrides else source
@@ -179,7 +141,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
 
 
 # The file types distill.data reads from a local path; another source that is no existing path is a hub id.
-LOCAL_DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
 def check_local_files(recipe: Recipe, file: str) -> None:

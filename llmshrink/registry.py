@@ -17,7 +17,10 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the configs import this module to register themselves
-    from llmshrink.passes.base import PassConfig, PassHooks
+    from torch import nn
+
+    from llmshrink.context import Context
+    from llmshrink.passes.base import PassConfig, PassHooks, PassRecord
 
 
 @dataclass(frozen=True)
@@ -26,13 +29,13 @@ class PassSpec:
     config_cls: type[PassConfig]
     module: str  # the implementation: a module with apply(model, cfg, ctx) -> PassRecord, and maybe hooks
 
-    @property
-    def apply(self) -> Callable:
-        # Looked up on every access, so a test's monkeypatch of module.apply is seen.
+    def apply(self, model: nn.Module, cfg: PassConfig, ctx: Context) -> PassRecord:
+        """Run the pass (noting that it ran, for passes_run). The implementation's apply is looked up on every
+        call, so a test's monkeypatch of it is seen."""
         ran = _RAN.get()
         if ran is not None and self not in ran:
             ran.append(self)
-        return importlib.import_module(self.module).apply
+        return importlib.import_module(self.module).apply(model, cfg, ctx)
 
     @property
     def hooks(self) -> PassHooks:
@@ -44,7 +47,7 @@ class PassSpec:
 
 
 _PASSES: dict[str, PassSpec] = {}
-# While passes_run() is open: each pass whose apply was looked up (i.e. that ran), in the order they first ran.
+# While passes_run() is open: each pass whose apply was called, in the order they first ran.
 _RAN: ContextVar[list[PassSpec] | None] = ContextVar("llmshrink_passes_run", default=None)
 
 

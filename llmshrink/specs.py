@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from llmshrink.fields import Template
+
+# Local data files by suffix; any other source is builtin:NAME or a datasets hub id.
+LOCAL_DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
 class Spec(BaseModel):
@@ -19,12 +23,34 @@ class Spec(BaseModel):
 
 
 class ModelSpec(Spec):
-    """The base model: a hub id, a local directory, a .gguf file, or a built-in name."""
+    """The base model: a hub id, a local directory, a .gguf file, or a built-in name, and what it is for.
+
+    `task`: `causal_lm` (a decoder with its LM head), `sequence_classification` (a BERT-family encoder with a
+    classifier head of `num_labels` outputs; left unset, the model's own config decides and the engine may fill
+    it in from the task data), or `embedding` (the bare encoder; sentence embeddings are its mean-pooled
+    last hidden states, as sentence-transformers computes them).
+    """
 
     id: str = Field("builtin:smollm2-135m", description="hub id, local dir, .gguf file or builtin:NAME")
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    task: Literal["causal_lm", "sequence_classification", "embedding"] = Field(
+        "causal_lm", description="causal_lm (decoders), sequence_classification or embedding (BERT-family encoders)",
+    )
+    num_labels: int | None = Field(
+        None, ge=1, description="classifier outputs for task sequence_classification (1: regression)",
+    )
+
+    @field_validator("num_labels")
+    @classmethod
+    def _labels_need_classification(cls, value: int | None, info: ValidationInfo) -> int | None:
+        task = info.data.get("task")
+        if value is not None and task not in (None, "sequence_classification"):
+            # A setting that would silently do nothing is an error (CONTRIBUTING: no options that do nothing).
+            raise PydanticCustomError(
+                "num_labels", "only for task sequence_classification (task is {task})", {"task": task})
+        return value
 
 
 class DataSpec(Spec):

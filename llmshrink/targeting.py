@@ -7,6 +7,8 @@ Dense layers are nn.Linear and GPT-2's Conv1D (transposed weight, fused qkv in `
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,6 +71,30 @@ def find_targets(
     return chosen
 
 
+def token_windows(model: nn.Module, ids: torch.Tensor, size: int = 256) -> Iterator[torch.Tensor]:
+    """The token ids `ids` (1-D) in consecutive windows of `size` tokens, no longer than the model's
+    max_position_embeddings, each on the model's device."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or ids.numel()
+    window = max(1, min(size, ids.numel(), positions))
+    device = next(model.parameters()).device
+    for start in range(0, ids.numel(), window):
+        yield ids[start : start + window].to(device)
+
+
+@contextmanager
+def hooked_eval(model: nn.Module, handles: list) -> Iterator[None]:
+    """The model in eval mode meanwhile; then, even after an error, its hooks `handles` removed and its
+    training mode as before."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -83,6 +109,50 @@ def shared_weight_names(model: nn.Module, name: str) -> list[str]:
         for other, module in model.named_modules()
         if other != name and getattr(module, "weight", None) is weight
     ]
+
+
+def check_tied(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], policy: str, pass_name: str, verb: str,
+    note: str | None = "the other stays dense",
+) -> list[str]:
+    """The targets whose weight is tied to another module (a tied lm_head and embedding), for `untie`; with
+    policy "refuse", the first of them is an error instead, before the pass changed anything.
+
+    The error reads `<pass_name>.targets: <name> shares its weight with <others> (tied embeddings); exclude it,
+    or set tied_embeddings: untie to <verb> alone (<note>)`.
+    """
+    tied = []
+    for name, _ in targets:
+        tied_to = shared_weight_names(model, name)
+        if not tied_to:
+            continue
+        if policy == "refuse":
+            raise LlmshrinkError(
+                f"{pass_name}.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
+                f"exclude it, or set tied_embeddings: untie to {verb} alone" + (f" ({note})" if note else "")
+            )
+        tied.append(name)
+    return tied
+
+
+def untie_targets(model: nn.Module, targets: list[tuple[str, nn.Module]], policy: str, pass_name: str,
+                  verb: str) -> list[str]:
+    """check_tied, then untie each tied target (policy "untie"); returns their names."""
+    tied = check_tied(model, targets, policy, pass_name, verb)
+    for name in tied:
+        untie(model, name)
+    return tied
+
+
+def untie(model: nn.Module, name: str) -> None:
+    """Give the layer `name` its own copy of a weight it shares (the other module keeps the tensor), and tell
+    the model config so, so that saving and reloading keep them apart."""
+    module = model.get_submodule(name)
+    weight = module.weight
+    module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.tie_word_embeddings = False
 
 
 def set_module_attrs(module: nn.Module, **values: Any) -> None:

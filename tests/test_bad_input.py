@@ -222,3 +222,25 @@ def test_eval_refuses_an_output_file_in_a_missing_folder_before_evaluating(tmp_p
     out = tmp_path / "missing" / "ev.json"
     line = one_line(capsys, ["eval", str(tmp_path / "nope"), "--tasks", "x", "--output", str(out)])
     assert line == f"llmshrink: error: --output: {out.parent} is not a directory; create it first"
+
+
+def test_an_encoder_recipe_needs_a_task_of_its_kind_and_no_text_measurements(tmp_path, capsys, text):
+    path = recipe(tmp_path, tmp_path / "never-loaded", f"source: '{text}'")
+    plain = path.read_text()
+    cases = [
+        ("model: {task: embedding, id: ", "", "task: required for model.task embedding: the similarity task it is "
+                                             "scored on"),
+        ("model: {task: sequence_classification, id: ", "task: {kind: similarity, source: builtin:similarity}\n",
+         "task.kind: model.task sequence_classification is scored on a classification task, got 'similarity'"),
+        ("model: {id: ", "task: {kind: similarity, source: builtin:similarity}\n",
+         "task: only for encoders (model.task: sequence_classification or embedding); model.task is causal_lm"),
+    ]
+    for model, task, message in cases:
+        path.write_text(task + plain.replace("model: {id: ", model))
+        assert one_line(capsys, ["validate", str(path)]) == f"llmshrink: error: {path}: {message}"
+    path.write_text("task: {kind: similarity, source: builtin:similarity}\n"
+                    + plain.replace("model: {id: ", "model: {task: embedding, id: ").replace(
+                        "perplexity: null", "perplexity: {window: 64}"))
+    assert one_line(capsys, ["validate", str(path)]) == (
+        f"llmshrink: error: {path}: evaluate.perplexity: measures a language model's text; an encoder is scored on "
+        "its task: section (remove it, or set it to null)")

@@ -121,3 +121,27 @@ def test_precision_benchmark_prints_ratios_against_fp32():
     # int8-dynamic measured 1.013x fp32 on these 256 tokens (1.031x on 4096, README): 1.10 leaves ~9% for CPU
     # kernel differences, and fails where int8 regresses (per-tensor activation scales gave 2.6x).
     assert speed > 0 and 0.98 < ppl <= 1.10
+
+
+@pytest.mark.slow
+def test_encoders_benchmark_prints_rows_against_the_fine_tuned_base_and_skips_them_on_rerun(tmp_path):
+    results = tmp_path / "encoders.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "encoders.py"), "--rows", "base,ffn,int8", "--finetune-steps",
+           "10", "--distill-steps", "5", "--latency-repeats", "1", "--json", str(results)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = json.loads(results.read_text())
+    assert list(saved["rows"]) == ["base", "ffn", "int8"] and saved["settings"]["finetune_steps"] == 10
+    number = r"([\d.]+)"
+    rows = {m.group(1): [float(x) for x in m.groups()[1:]] for m in re.finditer(
+        rf"^\| (base|ffn|int8) \| [^|]+ \| [\d,]+ \| {number}x \| [\d.]+ \| {number}x \| {number} \| [\d.]+ \| "
+        rf"-?[\d.]+ \| {number}x \| {number} \| {number}x \| \d+ \|$", done.stdout, re.M)}
+    assert list(rows) == ["base", "ffn", "int8"]
+    params, size, accuracy, kept, batch_ms, speedup = zip(*rows.values(), strict=True)
+    assert rows["base"] == [1.0, 1.0, rows["base"][2], 1.0, rows["base"][4], 1.0]  # ratios to itself
+    assert all(0 <= a <= 1 for a in accuracy) and all(x > 0 for x in (*kept, *batch_ms, *speedup))
+    assert params[1] < 0.9 and 0.5 < size[2] < 0.8 and params[2] == 1.0  # ffn: half the FFN; int8: fp32 embeddings
+    assert re.search(r"^- int8-dynamic .*: not met \(accuracy kept [\d.]+%, size 0\.\d\dx\)$", done.stdout, re.M)
+    assert re.search(r"^  ffn: (MET|not met: .*params 0\.\d\dx)", done.stdout, re.M)  # ffn: > 0.5x params
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "every row is in" in again.stdout and json.loads(results.read_text()) == saved

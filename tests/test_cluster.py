@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import reload_without_llmshrink, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
-from safetensors import safe_open
+from conftest import (
+    apply_and_save,
+    reload_without_llmshrink,
+    save_tiny,
+    stage_error,
+    tensor_bytes,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llmshrink.checkpoint import save_checkpoint
 from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.decompose.kmeans import initial_centroids, kmeans_1d
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.clustered import ClusteredLinear, pack_indices, unpack_indices
 from llmshrink.passes.cluster import ClusterConfig, apply
-from llmshrink.recipe import parse_stage
 from llmshrink.targeting import find_targets, replace_module
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3]])
@@ -239,9 +243,7 @@ def test_tied_lm_head_is_refused_then_untied_on_request():
     ],
 )
 def test_bad_config_is_one_line(body, message):
-    with pytest.raises(LlmshrinkError) as info:
-        parse_stage({"cluster": body}, "recipe.yaml", "stages[0]")
-    assert str(info.value) == "recipe.yaml: stages[0].cluster" + message
+    assert stage_error("cluster", body) == message
 
 
 def test_targets_that_match_nothing_or_too_small_layers():
@@ -256,24 +258,13 @@ def test_targets_that_match_nothing_or_too_small_layers():
 # --- storage and checkpoints --------------------------------------------------------------------
 
 
-def save(model, out: Path) -> Path:
-    return save_checkpoint(model, tiny_tokenizer(), out, recipe_text="name: t\n", manifest={"name": "t"},
-                           model_card="# t\n")
-
-
-def tensor_bytes(out: Path, suffix: str) -> int:
-    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
-        tensors = [handle.get_tensor(key) for key in handle.keys() if key.endswith(suffix)]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def test_packed_indices_halve_the_bytes_on_disk(tmp_path):
     outs = {}
     for name, cfg in {"dense": None, "k17": ClusterConfig(clusters=17), "k16": ClusterConfig(clusters=16)}.items():
         model = tiny_llama()
         if cfg is not None:
             apply(model, cfg, ctx())
-        outs[name] = save(model, tmp_path / name)
+        outs[name] = save_tiny(model, tmp_path / name)
     block_weights = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 192)  # q, o, k, v, gate, up, down x 2 blocks
     assert tensor_bytes(outs["k17"], ".indices") == block_weights  # one uint8 per index
     assert tensor_bytes(outs["k16"], ".indices") == block_weights // 2  # two 4-bit indices per byte
@@ -287,16 +278,8 @@ def test_packed_indices_halve_the_bytes_on_disk(tmp_path):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """GPT-2 (4-bit packed), Llama (200 clusters: one uint8 per index) and BERT (3 bits), clustered and saved."""
-    tmp = tmp_path_factory.mktemp("clustered")
-    cases = {"gpt2": (tiny_gpt2, ClusterConfig(bits=4), "AutoModelForCausalLM"),
-             "llama": (tiny_llama, ClusterConfig(clusters=200, init="forgy"), "AutoModelForCausalLM"),
-             "bert": (tiny_bert, ClusterConfig(bits=3), "AutoModelForMaskedLM")}
-    found = {}
-    for name, (build, cfg, auto) in cases.items():
-        model = build()
-        apply(model, cfg, ctx())
-        found[name] = (model, save(model, tmp / name), auto)
-    return found
+    return apply_and_save(tmp_path_factory.mktemp("clustered"), apply, {
+        "gpt2": ClusterConfig(bits=4), "llama": ClusterConfig(clusters=200, init="forgy"), "bert": ClusterConfig(bits=3)})
 
 
 def packed_indices(model: nn.Module) -> dict[str, torch.Tensor]:

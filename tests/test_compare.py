@@ -255,3 +255,26 @@ def test_unknown_direction_needs_to_be_given(tmp_path):
     assert data["higher_is_better"] is True and data["pareto"] == ["a"]
     assert data["notes"] == [
         "left out of the Pareto front and the plot (no size_bytes or generation/length): base (gpt2)"]
+
+
+def test_encoders_are_compared_on_their_task_score_and_examples_per_second(tmp_path):
+    base = {"params": 1000, "size_bytes": 4e6, "accuracy": 0.8, "examples_per_s": 200.0}
+    runs = {"int8": (2e6, 0.8, 450.0), "pruned": (3e6, 0.82, 400.0), "tiny": (3.5e6, 0.7, 300.0)}
+    paths = []
+    for name, (size, acc, speed) in runs.items():
+        path = tmp_path / name
+        path.mkdir()
+        manifest = {"name": name, "base_model": {"id": "minilm"}, "stages": [],
+                    "passes": [{"pass": "finetune", "config": {}, "record": {}, "seconds": 1.0}],
+                    "metrics": {"base": base, "compressed": {"params": 900, "size_bytes": size, "accuracy": acc,
+                                                             "examples_per_s": speed, "compress_seconds": 5.0}},
+                    "evaluation": {"perplexity": {}}}
+        (path / "llmshrink.json").write_text(json.dumps(manifest))
+        paths.append(path)
+    data = compare(paths, tmp_path / "cmp", log=silent)  # the default metric, perplexity, is absent: accuracy
+    assert data["metric"] == "accuracy" and data["higher_is_better"] is True
+    assert data["pareto"] == ["int8", "pruned"]  # tiny is beaten by int8 (smaller, more accurate)
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| name | passes | params | size (MB) | size ratio | accuracy | accuracy ratio | examples/s | speedup |" in md
+    assert md_row("pruned", "finetune", "900", "3.00", "0.75x", "0.8200", "1.02x", "400.0", "2.00x", "5.0",
+                  "**yes**") in md

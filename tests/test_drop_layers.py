@@ -1,4 +1,5 @@
-"""The drop_layers pass (structured layer pruning) on tiny GPT-2, Llama (GQA, tied, KV cache) and BERT."""
+"""The drop_layers pass (structured layer pruning) on every family's tiny model: GPT-2, Llama (GQA, tied, KV
+cache), Mistral, Qwen2, Gemma 3 (sliding and full attention layers) and BERT."""
 
 from __future__ import annotations
 
@@ -8,19 +9,24 @@ import re
 
 import pytest
 import torch
-from conftest import n_params, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
-from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    OPTConfig,
-    OPTForCausalLM,
+from conftest import (
+    DECODER_BUILDERS,
+    n_params,
+    recipe_error,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_neox,
+    tiny_opt,
+    tiny_tokenizer,
 )
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import llmshrink
 from llmshrink.checkpoint import save_checkpoint
 from llmshrink.context import Context
-from llmshrink.errors import LlmshrinkError, RecipeError
+from llmshrink.errors import LlmshrinkError
+from llmshrink.families import LLAMA, supported
 from llmshrink.passes.drop_layers import DropLayersConfig, apply
 from llmshrink.passes.iterate import IterateConfig
 from llmshrink.passes.iterate import apply as iterate
@@ -35,15 +41,17 @@ IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 9
 # family: (tiny builder, its config overrides: 128-wide MLPs, the block list)
 FAMILIES = {
     "gpt2": (tiny_gpt2, {"n_inner": 128}, "transformer.h"),
-    "llama": (tiny_llama, {"intermediate_size": 128}, "model.layers"),
+    **{name: (builder, {"intermediate_size": 128}, "model.layers")
+       for name, builder in DECODER_BUILDERS.items() if name != "gpt2"},
     "bert": (tiny_bert, {}, "bert.encoder.layer"),
 }
-AUTO = {"gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM, "bert": AutoModelForMaskedLM}
+DECODERS = sorted(DECODER_BUILDERS)
+AUTO = {name: AutoModelForMaskedLM if name == "bert" else AutoModelForCausalLM for name in FAMILIES}
 
 
-def build(family: str, layers: int = 4, seed: int = 0) -> nn.Module:
+def build(family: str, layers: int = 4, seed: int = 0, **more) -> nn.Module:
     builder, overrides, _ = FAMILIES[family]
-    return builder(seed, layers=layers, **overrides)
+    return builder(seed, layers=layers, **overrides, **more)
 
 
 def blocks(model: nn.Module, family: str) -> nn.ModuleList:
@@ -62,7 +70,8 @@ def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
 def by_hand(original: nn.Module, family: str, kept: list[int]) -> nn.Module:
     """A fresh model of depth len(kept), built by its own constructor, with the kept blocks' weights."""
     name = FAMILIES[family][2]
-    fresh = build(family, len(kept), seed=1)
+    types = getattr(original.config, "layer_types", None)  # Gemma 3, Qwen2: one attention type per block
+    fresh = build(family, len(kept), seed=1, **({"layer_types": [types[i] for i in kept]} if types else {}))
     pattern = re.compile(rf"^{re.escape(name)}\.(\d+)\.")
     state = {}
     for key, value in original.state_dict().items():
@@ -80,11 +89,10 @@ def make_identity(model: nn.Module, family: str, index: int) -> None:
     """Zero block `index`'s output projections: it adds nothing to the residual stream, so out == in (BERT:
     LayerNorm of an already normalised input, about the same)."""
     block = blocks(model, family)[index]
-    outputs = {
-        "llama": ("self_attn.o_proj", "mlp.down_proj"),
+    outputs = {  # Gemma 3's post-norms keep a zero update zero
         "gpt2": ("attn.c_proj", "mlp.c_proj"),
         "bert": ("attention.output.dense", "output.dense"),
-    }[family]
+    }.get(family, ("self_attn.o_proj", "mlp.down_proj"))
     for name in outputs:
         for param in block.get_submodule(name).parameters():
             param.zero_()
@@ -135,7 +143,28 @@ def test_config_depth_and_layer_types_follow():
     assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@torch.no_grad()
+def test_gemma3_layer_types_follow_and_rebuild_past_the_sliding_window():
+    model = build("gemma3")
+    original = copy.deepcopy(model)
+    assert model.config.layer_types == ["sliding_attention", "full_attention"] * 2
+    apply(model, DropLayersConfig(layers=[0]), ctx())
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+    assert [b.self_attn.is_sliding for b in model.model.layers] == [False, True, False]  # each kept its own
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))  # 40 > sliding_window 16
+    rebuilt = type(model)(copy.deepcopy(model.config)).eval()  # what a checkpoint reload builds
+    rebuilt.load_state_dict(model.state_dict())
+    dropped = logits(model, ids)
+    assert torch.equal(logits(rebuilt, ids), dropped)
+    assert torch.equal(logits(by_hand(original, "gemma3", [1, 2, 3]), ids), dropped)
+    # Control: the first 3 of the old types (what not filtering would leave) give other logits.
+    rebuilt.config.layer_types = original.config.layer_types[:3]
+    stale = type(model)(rebuilt.config).eval()
+    stale.load_state_dict(model.state_dict())
+    assert not torch.allclose(logits(stale, ids), dropped, atol=1e-3)  # a type picks the mask and the RoPE
+
+
+@pytest.mark.parametrize("family", DECODERS)
 @torch.no_grad()
 def test_generate_with_cache_equals_without_after_dropping(family):
     model = build(family)
@@ -162,7 +191,7 @@ def test_influence_removes_a_block_that_changes_nothing(tiny_text, family):
     make_identity(model, family, 2)
     before = logits(model)
     context = Context(tokenizer=tiny_tokenizer(), log=lambda _: None, data=DataSpec(source=str(tiny_text)))
-    record = apply(model, DropLayersConfig(keep=3, selection_tokens=300), context)
+    record = apply(model, DropLayersConfig(keep=3, calibration_tokens=300), context)
     scores = record["influence"]["scores"]
     assert record["select"] == "influence" and record["influence"]["calibration_tokens"] == 300
     assert abs(scores[2]) < 1e-6 and min(scores[:2] + scores[3:]) > 1e-4  # tiny BERT: small updates, ~3e-4
@@ -188,6 +217,8 @@ def test_checkpoint_reloads_with_llmshrink_and_with_plain_transformers(tmp_path,
     )
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers" if family != "gpt2" else "n_layer"] == 3
+    if family == "gemma3":
+        assert config["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]
     assert "auto_map" not in config and not list(out.glob("*.py"))  # a plain architecture: no remote code
     loaded = llmshrink.load(out)
     assert torch.equal(logits(loaded), logits(model)) and n_params(loaded) == n_params(model)
@@ -200,23 +231,26 @@ def test_checkpoint_reloads_with_llmshrink_and_with_plain_transformers(tmp_path,
 
 
 def test_bad_input_gets_one_line():
-    opt = OPTConfig(
-        hidden_size=64,
-        ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        max_position_embeddings=64,
-        word_embed_proj_dim=64,
-    )
     scaled = build("gpt2")
     scaled.config.scale_attn_by_inverse_layer_idx = True
+    posing = build("gpt2")
+    posing.config.model_type = "llama"  # a supported model_type, another layout
     cases = [
         (
-            OPTForCausalLM(opt).eval(),
+            tiny_opt(layers=2),
             DropLayersConfig(layers=[0]),
-            "drop_layers: OPTForCausalLM is not supported; supported: Llama-family (model.layers), "
-            "GPT-2 (transformer.h), BERT-family (encoder.layer)",
+            f"drop_layers: OPTForCausalLM (model_type 'opt') is not supported; supported: {supported()}",
+        ),
+        (
+            tiny_neox(),
+            DropLayersConfig(layers=[0]),
+            f"drop_layers: GPTNeoXForCausalLM (model_type 'gpt_neox') is not supported; supported: {supported()}",
+        ),
+        (
+            posing,
+            DropLayersConfig(layers=[0]),
+            f"drop_layers: GPT2LMHeadModel has no block list at 'layers' as {LLAMA.label} models do; "
+            "is it a modified model?",
         ),
         (
             build("llama"),
@@ -261,6 +295,17 @@ def test_bad_input_gets_one_line():
             apply(model, cfg, ctx())
         assert str(err.value) == message
         assert torch.equal(logits(model), before)  # refused before anything changed
+
+
+def test_per_block_config_of_another_length_is_refused():
+    model = build("gemma3")
+    model.config.layer_types = model.config.layer_types[:3]  # entries could not be matched to blocks
+    with pytest.raises(LlmshrinkError) as err:
+        apply(model, DropLayersConfig(layers=[0]), ctx())
+    assert str(err.value) == (
+        "drop_layers: config.layer_types has 3 entries for the 4 blocks of model.layers; is it a modified model?"
+    )
+    assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4  # refused before any change
 
 
 def test_shared_blocks_and_iterate_are_refused():
@@ -308,7 +353,29 @@ RECIPE = "name: t\nmodel: {id: some/dir}\nstages:\n  - drop_layers: {%s}\noutput
 )
 def test_bad_config_is_one_line(tmp_path, body, message):
     path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE % body)
-    with pytest.raises(RecipeError) as err:
-        load_recipe(path)
-    assert str(err.value).startswith(f"{path}: {message}")
+    assert recipe_error(path, RECIPE % body).startswith(f"{path}: {message}")
+
+
+
+# A stage with the old name of calibration_tokens, for each pass that had it.
+OLD_NAME = {"drop_layers": "keep: 2", "share_layers": "unique_blocks: 2, select: outputs"}
+STAGE = "name: t\nmodel: {id: some/dir}\nstages:\n  - %s: {%s}\noutput: {dir: out/t}\n"
+
+
+@pytest.mark.parametrize("name", sorted(OLD_NAME))
+def test_old_name_selection_tokens_still_validates(tmp_path, name):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(STAGE % (name, OLD_NAME[name] + ", selection_tokens: 64"))
+    with pytest.warns(FutureWarning, match="^selection_tokens is deprecated, it is now called calibration_tokens$"):
+        (stage,) = load_recipe(path).stages
+    assert stage.name == name and stage.config.calibration_tokens == 64
+
+
+@pytest.mark.parametrize("name", sorted(OLD_NAME))
+def test_old_and_new_calibration_names_together_are_one_line(tmp_path, name):
+    path = tmp_path / "recipe.yaml"
+    message = recipe_error(path, STAGE % (name, OLD_NAME[name] + ", selection_tokens: 64, calibration_tokens: 64"))
+    assert "\n" not in message and message.startswith(
+        f"{path}: stages[0].{name}: selection_tokens is the old name of calibration_tokens; "
+        "set only calibration_tokens"
+    )

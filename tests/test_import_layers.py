@@ -34,7 +34,7 @@ LAYERS = (
         # torch-free building blocks (settings, errors, files), and generic helpers on torch modules
         "llmshrink.errors", "llmshrink.fields", "llmshrink.fileio", "llmshrink.quiet", "llmshrink.version",
         "llmshrink.specs", "llmshrink.corpus", "llmshrink.targeting", "llmshrink.checkpoint_files",
-        "llmshrink.lazy_load",
+        "llmshrink.lazy_load", "llmshrink.task_data",
         # package __init__s that import nothing of llmshrink
         "llmshrink.eval", "llmshrink.distill", "llmshrink.decompose", "llmshrink.passes",
     )),
@@ -42,7 +42,9 @@ LAYERS = (
     Layer("modules", ("llmshrink.modules", "llmshrink.modules.*")),
     Layer("decompose", ("llmshrink.decompose.*",)),
     Layer("models and checkpoints", (
-        "llmshrink.models", "llmshrink.bnb", "llmshrink.remote_template", "llmshrink.checkpoint",
+        "llmshrink.models", "llmshrink.builtin_models", "llmshrink.bnb", "llmshrink.remote_template",
+        "llmshrink.encoders",  # which model.task fits a model; sentence-transformers files of a checkpoint
+        "llmshrink.checkpoint",
         "llmshrink.checkpoint_load",
         "llmshrink",  # __init__: __version__ and llmshrink.load (checkpoint_load)
     )),
@@ -50,6 +52,7 @@ LAYERS = (
     Layer("eval and distill", ("llmshrink.eval.*", "llmshrink.distill.*")),
     Layer("pass support", (
         "llmshrink.context", "llmshrink.importance", "llmshrink.sensitivity", "llmshrink.blocks",
+        "llmshrink.families", "llmshrink.prune_units",
         "llmshrink.quant_layers", "llmshrink.passes.base",
     )),
     # The pass configs register themselves with the registry, which imports the configs package (whose

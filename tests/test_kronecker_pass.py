@@ -93,7 +93,7 @@ def test_select_layers_keeps_the_least_sensitive_blocks(tiny_text):
 
     model = tiny_gpt2()
     context = Context(tokenizer=tiny_tokenizer(), log=lambda _: None, data=DataSpec(source=str(tiny_text)))
-    cfg = KroneckerConfig(targets=r".*mlp\.c_(fc|proj)", a_shape=(8, 8), select_layers=1, selection_tokens=128,
+    cfg = KroneckerConfig(targets=r".*mlp\.c_(fc|proj)", a_shape=(8, 8), select_layers=1, calibration_tokens=128,
                           permute=False)
     record = apply(model, cfg, context)
     scores = {int(k): v for k, v in record["selection"]["calibration_ppl"].items()}

@@ -68,7 +68,7 @@ def test_exact_low_rank_weights_are_recovered_and_logits_unchanged(tiny_text, mo
     assert [layer["shape"] for layer in record["layers"][:4]] == [[192, 64], [64, 64], [256, 64], [64, 256]]
     assert max(layer["rel_error"] for layer in record["layers"]) < 1e-5
     assert record["params_after"] == 2 * 4 * (256 + 128 + 320 + 320)
-    assert params_before - n_params(model) == record["params_replaced"] - record["params_after"]
+    assert params_before - n_params(model) == record["params_before"] - record["params_after"]
     assert torch.allclose(logits(model), before, atol=1e-5)
     if mode.get("activation_aware"):
         assert record["calibration_tokens"] == 256
@@ -220,7 +220,7 @@ def test_bert_encoder_and_its_tied_decoder(tiny_text):
     assert len(record["layers"]) == 12  # query, key, value, attention.output, intermediate, output x 2 blocks
     assert record["layers"][4] == {**record["layers"][4], "name": "bert.encoder.layer.0.intermediate.dense",
                                    "shape": [128, 64], "rank": 21}
-    assert params_before - n_params(model) == record["params_replaced"] - record["params_after"] > 0
+    assert params_before - n_params(model) == record["params_before"] - record["params_after"] > 0
     assert logits(model, ids).shape == (1, 6, 128)
     with pytest.raises(LlmshrinkError, match=r"^low_rank\.targets: cls\.predictions\.decoder shares its weight "
                                              r"with bert\.embeddings\.word_embeddings \(tied embeddings\)"):

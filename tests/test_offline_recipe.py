@@ -20,7 +20,7 @@ def test_offline_recipe_short_run_reloads_exactly(tmp_path):
     code = main([
         "apply", str(RECIPE), "--output", str(out),
         "--set", "stages.0.kronecker.select_layers=2",
-        "--set", "stages.0.kronecker.selection_tokens=64",
+        "--set", "stages.0.kronecker.calibration_tokens=64",
         "--set", "stages.0.kronecker.layers=[12,13,14]",
         "--set", "stages.1.distill.steps=2",
         "--set", "stages.1.distill.batch_size=1",

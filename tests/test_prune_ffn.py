@@ -1,4 +1,5 @@
-"""The prune_ffn pass on tiny GPT-2 (Conv1D), Llama (SwiGLU, tied embeddings) and BERT (encoder)."""
+"""The prune_ffn pass on every family's tiny model: GPT-2 (Conv1D), Llama / Mistral / Qwen2 / Gemma 3 (SwiGLU,
+tied embeddings) and BERT (encoder)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,25 @@ import pytest
 import torch
 from conftest import (
     AUTO,
+    BUILDERS,
+    FAMILY,
     calibrated,
     n_params,
+    pruned_checkpoints,
+    recipe_error,
     reload_without_llmshrink,
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
+    tiny_opt,
     tiny_tokenizer,
 )
 from torch import nn
-from transformers import OPTConfig, OPTForCausalLM
 
 import llmshrink
-from llmshrink.checkpoint import save_checkpoint
 from llmshrink.context import Context
-from llmshrink.errors import LlmshrinkError, RecipeError
+from llmshrink.errors import LlmshrinkError
+from llmshrink.families import supported
 from llmshrink.modules.pruned import PrunedLinear
 from llmshrink.passes.prune_ffn import (
     PruneFfnConfig,
@@ -31,16 +36,16 @@ from llmshrink.passes.prune_ffn import (
     find_ffn_blocks,
     select_neurons,
 )
-from llmshrink.recipe import load_recipe
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 99, 0, 12, 1]])
 
 
-
-BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
-# (neurons per block, per-neuron parameters) of the tiny models: hidden 64; GPT-2/BERT have a c_fc bias.
-SHAPES = {"gpt2": (256, 2 * 64 + 1), "llama": (192, 3 * 64), "bert": (128, 2 * 64 + 1)}
-
+# (neurons per block, per-neuron parameters) of the tiny models: hidden 64; GPT-2/BERT have a c_fc bias, the
+# SwiGLU ones (Llama, Mistral, Qwen2, Gemma 3: gate, up, down) none.
+SHAPES = {"gpt2": (256, 2 * 64 + 1), "bert": (128, 2 * 64 + 1),
+          **{family: (192, 3 * 64) for family in ("llama", "mistral", "qwen2", "gemma3")}}
+SWIGLU = ("llama", "mistral", "qwen2", "gemma3")
+# The Family each builder's model belongs to (what records say).
 
 
 @torch.no_grad()
@@ -89,8 +94,8 @@ def test_keep_one_leaves_model_unchanged(family):
     assert record["params_after"] == record["params_before"]
 
 
-CASES = [("gpt2", "magnitude"), ("gpt2", "activation"), ("gpt2", "taylor"), ("llama", "magnitude"),
-         ("llama", "activation"), ("llama", "taylor"), ("bert", "magnitude"), ("bert", "activation")]
+CASES = [(family, importance) for family in BUILDERS for importance in ("magnitude", "activation", "taylor")
+         if (family, importance) != ("bert", "taylor")]
 
 
 @pytest.mark.parametrize(("family", "importance"), CASES)
@@ -108,7 +113,7 @@ def test_pruning_silent_neurons_is_exact(family, importance):
     assert params - n_params(model) == n * per_neuron  # half of 2 blocks x n neurons
     assert record["params_before"] - record["params_after"] == n * per_neuron
     assert record["neurons_before"] == 2 * n and record["neurons_after"] == n
-    assert record["importance"] == importance and record["family"] == family
+    assert record["importance"] == importance and record["family"] == FAMILY[family]
     first = find_ffn_blocks(model)[0]
     assert all(isinstance(model.get_submodule(name), PrunedLinear) for name in (*first.inputs, first.output))
     assert model.get_submodule(first.output).in_features == 3 * n // 4
@@ -234,18 +239,12 @@ def test_pruned_linear_from_conv1d_and_linear():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{family: (pruned model, checkpoint dir)}, blocks keeping 3/4 and 1/4 of their neurons."""
-    root = tmp_path_factory.mktemp("pruned")
-    saved = {}
-    for family, build in BUILDERS.items():
-        model = build()
+    def prune(family, model):
         n = SHAPES[family][0]
         silence(model, [n // 4, 3 * n // 4], "output")
-        record = apply(model, PruneFfnConfig(importance="magnitude", keep=0.5, scope="global"), calibrated())
-        manifest = {"name": family, "passes": [{"pass": "prune_ffn", "record": record}]}
-        out = save_checkpoint(model, tiny_tokenizer(), root / family, recipe_text="name: t\n", manifest=manifest,
-                              model_card="card")
-        saved[family] = model, out
-    return saved
+        return apply(model, PruneFfnConfig(importance="magnitude", keep=0.5, scope="global"), calibrated())
+
+    return pruned_checkpoints(tmp_path_factory.mktemp("pruned"), "prune_ffn", prune)
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -254,12 +253,12 @@ def test_checkpoint_reloads_exactly_with_different_sizes_per_block(checkpoints, 
     n = SHAPES[family][0]
     layout = json.loads((out / "config.json").read_text())["llmshrink_layout"]
     first, second = find_ffn_blocks(model)
-    bias = family != "llama"
+    bias = family not in SWIGLU
     assert layout[first.output] == {"type": "PrunedLinear",
                                     "args": {"in_features": 3 * n // 4, "out_features": 64, "bias": bias}}
     assert layout[second.output]["args"] == {"in_features": n // 4, "out_features": 64, "bias": bias}
     assert layout[second.inputs[0]]["args"] == {"in_features": 64, "out_features": n // 4, "bias": bias}
-    assert len(layout) == (6 if family == "llama" else 4)
+    assert len(layout) == (6 if family in SWIGLU else 4)
     loaded = llmshrink.load(out)
     assert torch.equal(logits(loaded), logits(model))
     assert n_params(loaded) == n_params(model)
@@ -273,19 +272,14 @@ def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints):
         # The layer class came from the checkpoint folder (copied by transformers), not from llmshrink.
         assert all(module.startswith(f"transformers_modules.{family}.") and module.endswith(".pruned")
                    for module in got["layers"])
-        assert len(got["layers"]) == (6 if family == "llama" else 4)
+        assert len(got["layers"]) == (6 if family in SWIGLU else 4)
         assert torch.equal(got["logits"], logits(checkpoints[family][0]))
 
 
 def test_unsupported_model_is_refused_in_one_line():
-    config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
-                       max_position_embeddings=64, word_embed_proj_dim=64)
     with pytest.raises(LlmshrinkError) as err:
-        apply(OPTForCausalLM(config), PruneFfnConfig(importance="magnitude"), calibrated())
-    assert str(err.value) == (
-        "prune_ffn: OPTForCausalLM is not supported; supported: Llama-family (mlp.gate_proj/up_proj/down_proj), "
-        "GPT-2 (mlp.c_fc/c_proj), BERT-family (intermediate.dense/output.dense)"
-    )
+        apply(tiny_opt(), PruneFfnConfig(importance="magnitude"), calibrated())
+    assert str(err.value) == f"prune_ffn: OPTForCausalLM (model_type 'opt') is not supported; supported: {supported()}"
 
 
 def test_other_bad_input_gets_one_line():
@@ -316,7 +310,4 @@ RECIPE = "name: t\nmodel: {id: some/dir}\nstages:\n  - prune_ffn: {%s}\noutput: 
 )
 def test_bad_config_is_one_line(tmp_path, body, message):
     path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE % body)
-    with pytest.raises(RecipeError) as err:
-        load_recipe(path)
-    assert str(err.value) == f"{path}: {message}"
+    assert recipe_error(path, RECIPE % body) == f"{path}: {message}"

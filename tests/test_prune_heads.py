@@ -1,4 +1,5 @@
-"""The prune_heads pass on tiny GPT-2 (fused c_attn), Llama (GQA: 4 query heads, 2 kv groups) and BERT."""
+"""The prune_heads pass on every family's tiny model: GPT-2 (fused c_attn), Llama / Mistral / Qwen2 / Gemma 3 (GQA:
+4 query heads, 2 kv groups; Qwen2 with q/k/v biases) and BERT."""
 
 from __future__ import annotations
 
@@ -9,21 +10,25 @@ import pytest
 import torch
 from conftest import (
     AUTO,
+    BUILDERS,
+    FAMILY,
     calibrated,
     n_params,
+    pruned_checkpoints,
+    recipe_error,
     reload_without_llmshrink,
-    tiny_bert,
     tiny_gpt2,
     tiny_llama,
+    tiny_opt,
     tiny_tokenizer,
 )
 from torch import nn
-from transformers import OPTConfig, OPTForCausalLM
 
 import llmshrink
 from llmshrink.checkpoint import module_attrs, save_checkpoint
 from llmshrink.context import Context
-from llmshrink.errors import LlmshrinkError, RecipeError
+from llmshrink.errors import LlmshrinkError
+from llmshrink.families import supported
 from llmshrink.modules.pruned import PrunedLinear
 from llmshrink.passes.prune_heads import (
     PruneHeadsConfig,
@@ -32,19 +37,18 @@ from llmshrink.passes.prune_heads import (
     find_attention_blocks,
     select_units,
 )
-from llmshrink.recipe import load_recipe
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 99, 0, 12, 1]])
 
 
-
-BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
 # Pruning units per layer (kv groups), query heads per unit, and the parameters one unit holds. Hidden 64,
-# head size 16. GPT-2/BERT: q, k, v rows with biases + output columns (the output bias stays). Llama (no
-# biases): 2 query heads' q rows and o columns + one kv group's k and v rows.
-UNITS = {"gpt2": (4, 1, 3 * 16 * 65 + 16 * 64), "llama": (2, 2, 2 * 32 * 64 + 2 * 16 * 64),
-         "bert": (4, 1, 3 * 16 * 65 + 16 * 64)}
-
+# head size 16. GPT-2/BERT: q, k, v rows with biases + output columns (the output bias stays). Llama, Mistral,
+# Gemma 3 (no biases): 2 query heads' q rows and o columns + one kv group's k and v rows; Qwen2 adds the q, k
+# and v biases of those rows.
+UNITS = {"gpt2": (4, 1, 3 * 16 * 65 + 16 * 64), "bert": (4, 1, 3 * 16 * 65 + 16 * 64),
+         "llama": (2, 2, 2 * 32 * 64 + 2 * 16 * 64), "mistral": (2, 2, 2 * 32 * 64 + 2 * 16 * 64),
+         "qwen2": (2, 2, 32 * 65 + 32 * 64 + 2 * 16 * 65), "gemma3": (2, 2, 2 * 32 * 64 + 2 * 16 * 64)}
+GQA = ("llama", "mistral", "qwen2", "gemma3")
 
 
 @torch.no_grad()
@@ -69,7 +73,7 @@ def silence(model: nn.Module, units: list[list[int]], weights: bool = False) -> 
         rows(model.get_submodule(block.output))[:, q] = 0
         if not weights:
             continue
-        if block.family == "gpt2":
+        if block.fused:  # GPT-2's c_attn: q | k | v blocks of 64 features, one head each per group
             c_attn = model.get_submodule(block.qkv[0])
             fused = [offset + i for offset in (0, 64, 128) for i in q]
             rows(c_attn)[fused] = 0
@@ -96,8 +100,8 @@ def test_keep_one_leaves_model_unchanged(family):
     assert not module_attrs(model) and not any(isinstance(m, PrunedLinear) for m in model.modules())
 
 
-CASES = [("gpt2", "output_norm"), ("gpt2", "taylor"), ("gpt2", "magnitude"), ("llama", "output_norm"),
-         ("llama", "taylor"), ("llama", "magnitude"), ("bert", "output_norm"), ("bert", "magnitude")]
+CASES = [(family, importance) for family in BUILDERS for importance in ("output_norm", "taylor", "magnitude")
+         if (family, importance) != ("bert", "taylor")]
 
 
 @pytest.mark.parametrize(("family", "importance"), CASES)
@@ -106,7 +110,7 @@ def test_pruning_silent_heads_is_exact(family, importance):
     model = BUILDERS[family]()
     units, group, per_unit = UNITS[family]
     # Different per layer: the global budget keeps 3 and 1 of 4 heads (GPT-2, BERT), 1 of 2 groups (Llama).
-    silent = [[1], [0]] if family == "llama" else [[1], [0, 2, 3]]
+    silent = [[1], [0]] if family in GQA else [[1], [0, 2, 3]]
     silence(model, silent, weights=importance == "magnitude")
     before, params = logits(model), n_params(model)
     record = apply(model, PruneHeadsConfig(importance=importance, keep=0.5, scope="global"), calibrated())
@@ -118,7 +122,7 @@ def test_pruning_silent_heads_is_exact(family, importance):
     assert params - n_params(model) == lost == record["params_before"] - record["params_after"]
     assert record["model_params_before"] - record["model_params_after"] == lost
     assert record["heads_before"] == 8 and record["heads_after"] == 4 == sum(record["heads_kept"])
-    assert record["importance"] == importance and record["family"] == family
+    assert record["importance"] == importance and record["family"] == FAMILY[family]
     assert record["normalize"] == ("none" if importance == "taylor" else "layer_mean")  # auto
     first = find_attention_blocks(model)[0]
     assert all(isinstance(model.get_submodule(n), PrunedLinear) for n in (*first.qkv, first.output))
@@ -244,17 +248,11 @@ def probe(model, name):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{family: (pruned model, checkpoint dir)}: layers keeping 3 and 1 heads (Llama: 1 of 2 groups each)."""
-    root = tmp_path_factory.mktemp("pruned_heads")
-    saved = {}
-    for family, build in BUILDERS.items():
-        model = build()
-        silence(model, [[1], [0]] if family == "llama" else [[1], [0, 2, 3]])
-        record = apply(model, PruneHeadsConfig(keep=0.5, scope="global"), calibrated())
-        manifest = {"name": family, "passes": [{"pass": "prune_heads", "record": record}]}
-        out = save_checkpoint(model, tiny_tokenizer(), root / family, recipe_text="name: t\n", manifest=manifest,
-                              model_card="card")
-        saved[family] = model, out
-    return saved
+    def prune(family, model):
+        silence(model, [[1], [0]] if family in GQA else [[1], [0, 2, 3]])
+        return apply(model, PruneHeadsConfig(keep=0.5, scope="global"), calibrated())
+
+    return pruned_checkpoints(tmp_path_factory.mktemp("pruned_heads"), "prune_heads", prune)
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -266,8 +264,7 @@ def test_checkpoint_reloads_exactly_with_different_heads_per_layer(checkpoints, 
                  "transformer.h.1.attn": {"num_heads": 1, "split_size": 16}},
         "bert": {"bert.encoder.layer.0.attention.self": {"num_attention_heads": 3, "all_head_size": 48},
                  "bert.encoder.layer.1.attention.self": {"num_attention_heads": 1, "all_head_size": 16}},
-        "llama": {},  # Llama reshapes by head size: nothing to restore
-    }[family]
+    }.get(family, {})  # Llama-style attention reshapes by head size: nothing to restore
     assert config.get("llmshrink_module_attrs", {}) == expected_attrs == module_attrs(model)
     assert len(config["llmshrink_layout"]) == (4 if family == "gpt2" else 8)
     loaded = llmshrink.load(out)
@@ -282,24 +279,20 @@ def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints):
     reloaded = reload_without_llmshrink({family: out for family, (_, out) in checkpoints.items()}, IDS, auto=AUTO,
                                         layer="PrunedLinear", probe=HEADS)
     assert list(reloaded) == list(BUILDERS)
-    heads = {"gpt2": "3,1", "llama": "-", "bert": "3,1"}
+    heads = {"gpt2": "3,1", "bert": "3,1"}
     for family, got in reloaded.items():
         # The layer class came from the checkpoint folder (copied by transformers), not from llmshrink.
         assert got["layers"] and all(module.startswith(f"transformers_modules.{family}.")
                                      and module.endswith(".pruned") for module in got["layers"])
-        assert got["probe"] == heads[family]
+        assert got["probe"] == heads.get(family, "-")
         assert torch.equal(got["logits"], logits(checkpoints[family][0]))
 
 
 def test_unsupported_model_is_refused_in_one_line():
-    config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128,
-                       max_position_embeddings=64, word_embed_proj_dim=64)
     with pytest.raises(LlmshrinkError) as err:
-        apply(OPTForCausalLM(config), PruneHeadsConfig(importance="magnitude"), calibrated())
+        apply(tiny_opt(), PruneHeadsConfig(importance="magnitude"), calibrated())
     assert str(err.value) == (
-        "prune_heads: OPTForCausalLM is not supported; supported: GPT-2 (GPT2Attention: c_attn/c_proj), "
-        "Llama (LlamaAttention: q/k/v/o_proj, GQA), BERT (BertSelfAttention: query/key/value, "
-        "attention.output.dense)"
+        f"prune_heads: OPTForCausalLM (model_type 'opt') is not supported; supported: {supported()}"
     )
 
 
@@ -359,7 +352,4 @@ RECIPE = "name: t\nmodel: {id: some/dir}\nstages:\n  - prune_heads: {%s}\noutput
 )
 def test_bad_config_is_one_line(tmp_path, body, message):
     path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE % body)
-    with pytest.raises(RecipeError) as err:
-        load_recipe(path)
-    assert str(err.value) == f"{path}: {message}"
+    assert recipe_error(path, RECIPE % body) == f"{path}: {message}"

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import reload_without_llmshrink, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
-from safetensors import safe_open
+from conftest import (
+    apply_and_save,
+    reload_without_llmshrink,
+    save_tiny,
+    stage_error,
+    tensor_bytes,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from torch import nn
 
-from llmshrink.checkpoint import save_checkpoint
 from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.sparse import SparseLinear, pack_mask, unpack_mask
 from llmshrink.passes import distill as distill_pass
 from llmshrink.passes.prune_magnitude import PruneMagnitudeConfig, apply, cubic_schedule
-from llmshrink.recipe import parse_stage
 from llmshrink.specs import DataSpec
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3]])
@@ -270,9 +276,7 @@ def test_gradual_reaches_final_sparsity_with_pruned_weights_zero_throughout(tiny
     ],
 )
 def test_bad_config_is_one_line(body, message):
-    with pytest.raises(LlmshrinkError) as info:
-        parse_stage({"prune_magnitude": body}, "recipe.yaml", "stages[0]")
-    assert str(info.value) == "recipe.yaml: stages[0].prune_magnitude" + message
+    assert stage_error("prune_magnitude", body) == message
 
 
 def test_tied_lm_head_is_refused_then_untied_on_request():
@@ -295,21 +299,10 @@ def test_tied_lm_head_is_refused_then_untied_on_request():
 # --- storage and checkpoints --------------------------------------------------------------------
 
 
-def save(model, out: Path) -> Path:
-    return save_checkpoint(model, tiny_tokenizer(), out, recipe_text="name: t\n", manifest={"name": "t"},
-                           model_card="# t\n")
-
-
-def tensor_bytes(out: Path, suffix: str) -> int:
-    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
-        tensors = [handle.get_tensor(key) for key in handle.keys() if key.endswith(suffix)]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def test_half_sparsity_shrinks_the_safetensors_file(tmp_path):
     dense, pruned = tiny_llama(), tiny_llama()
     apply(pruned, PruneMagnitudeConfig(sparsity=0.5), ctx())
-    out_dense, out_pruned = save(dense, tmp_path / "dense"), save(pruned, tmp_path / "pruned")
+    out_dense, out_pruned = save_tiny(dense, tmp_path / "dense"), save_tiny(pruned, tmp_path / "pruned")
     block_weights = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 192)  # q, o, k, v, gate, up, down x 2 blocks
     assert tensor_bytes(out_pruned, ".values") == block_weights // 2 * 4  # half the fp32 weights
     assert tensor_bytes(out_pruned, ".mask") == block_weights // 8  # one bit per weight
@@ -322,16 +315,9 @@ def test_half_sparsity_shrinks_the_safetensors_file(tmp_path):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """GPT-2 (per layer, 50%), Llama (global, 70%) and BERT (per layer, 30%), pruned and saved."""
-    tmp = tmp_path_factory.mktemp("pruned")
-    cases = {"gpt2": (tiny_gpt2, PruneMagnitudeConfig(sparsity=0.5), "AutoModelForCausalLM"),
-             "llama": (tiny_llama, PruneMagnitudeConfig(sparsity=0.7, scope="global"), "AutoModelForCausalLM"),
-             "bert": (tiny_bert, PruneMagnitudeConfig(sparsity=0.3), "AutoModelForMaskedLM")}
-    found = {}
-    for name, (build, cfg, auto) in cases.items():
-        model = build()
-        apply(model, cfg, ctx())
-        found[name] = (model, save(model, tmp / name), auto)
-    return found
+    return apply_and_save(tmp_path_factory.mktemp("pruned"), apply, {
+        "gpt2": PruneMagnitudeConfig(sparsity=0.5), "llama": PruneMagnitudeConfig(sparsity=0.7, scope="global"),
+        "bert": PruneMagnitudeConfig(sparsity=0.3)})
 
 
 def test_checkpoints_reload_exactly(saved):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import quiet_ctx, relative, save_tiny, tiny_bert, tiny_gpt2, tiny_llama
+from conftest import (
+    quantize_with_untied_head,
+    quiet_ctx,
+    relative,
+    save_tiny,
+    stage_error,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 
 from llmshrink.checkpoint_load import load_checkpoint
@@ -14,7 +23,6 @@ from llmshrink.modules.low_rank import LowRankLinear
 from llmshrink.passes.low_rank import LowRankConfig
 from llmshrink.passes.low_rank import apply as low_rank
 from llmshrink.passes.quantize import QuantizeConfig, apply
-from llmshrink.recipe import parse_stage
 from llmshrink.targeting import is_dense_layer
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 99, 0, 12, 1]])
@@ -68,12 +76,9 @@ def test_int8_dynamic_replaces_the_block_layers_keeps_head_and_reloads_exactly(t
 
 def test_untied_head_runs_in_int8_while_the_embedding_stays_float(tmp_path):
     model = tiny_llama()
-    embedding = model.model.embed_tokens.weight.detach().clone()
     before = logits(model)
-    record = apply(model, QuantizeConfig(method="int8-dynamic", targets=r".*\.\d+\..*|lm_head",
-                                         tied_embeddings="untie"), quiet_ctx())
-    assert record["untied"] == ["lm_head"] and model.config.tie_word_embeddings is False
-    assert isinstance(model.lm_head, Int8DynamicLinear) and torch.equal(model.model.embed_tokens.weight, embedding)
+    quantize_with_untied_head(model, "int8-dynamic")
+    assert isinstance(model.lm_head, Int8DynamicLinear)
     after = logits(model)
     assert 0 < relative(after, before) < 0.03
     reloaded = load_checkpoint(save_tiny(model, tmp_path / "untied"))
@@ -100,9 +105,7 @@ def test_compressed_layers_stay_in_their_precision_and_are_listed():
     ],
 )
 def test_bad_config_is_one_line(body, message):
-    with pytest.raises(LlmshrinkError) as info:
-        parse_stage({"quantize": body}, "recipe.yaml", "stages[0]")
-    assert str(info.value) == "recipe.yaml: stages[0].quantize" + message
+    assert stage_error("quantize", body) == message
 
 
 def test_tied_head_and_mixed_dtypes_are_refused():

@@ -10,7 +10,16 @@ from pathlib import Path
 import bitsandbytes
 import pytest
 import torch
-from conftest import quiet_ctx, relative, reload_without_llmshrink, save_tiny, tiny_gpt2, tiny_llama
+from conftest import (
+    quantize_with_untied_head,
+    quiet_ctx,
+    relative,
+    reload_without_llmshrink,
+    save_tiny,
+    stage_error,
+    tiny_gpt2,
+    tiny_llama,
+)
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -186,13 +195,9 @@ def test_tied_head_is_refused_and_an_untied_head_runs_quantized(tmp_path):
                                "embeddings); exclude it, or set tied_embeddings: untie to run it in 4-bit "
                                "alone")
     model = tiny_llama()
-    embedding = model.model.embed_tokens.weight.detach().clone()
     before = logits(model)
-    record = apply(model, QuantizeConfig(method="bnb-int8", targets=r".*\.\d+\..*|lm_head",
-                                         tied_embeddings="untie"), quiet_ctx())
-    assert record["untied"] == ["lm_head"] and model.config.tie_word_embeddings is False
+    quantize_with_untied_head(model, "bnb-int8")
     assert isinstance(model.lm_head, bitsandbytes.nn.Linear8bitLt)
-    assert torch.equal(model.model.embed_tokens.weight, embedding)
     after = logits(model)
     assert 0 < relative(after, before) < 0.02  # measured 0.0114
     out = save_tiny(model, tmp_path / "untied")
@@ -370,9 +375,7 @@ def test_a_checkpoint_whose_bnb_config_is_missing_or_foreign_is_refused_in_one_l
     ],
 )
 def test_bad_config_is_one_line(body, message):
-    with pytest.raises(LlmshrinkError) as info:
-        parse_stage({"quantize": body}, "recipe.yaml", "stages[0]")
-    assert str(info.value) == "recipe.yaml: stages[0].quantize" + message
+    assert stage_error("quantize", body) == message
 
 
 def test_good_config_parses():

@@ -11,7 +11,15 @@ import math
 import bitsandbytes
 import pytest
 import torch
-from conftest import calibrated, relative, reload_without_llmshrink, save_tiny, tiny_gpt2, tiny_llama
+from conftest import (
+    calibrated,
+    relative,
+    reload_without_llmshrink,
+    save_tiny,
+    stage_error,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 
 from llmshrink.checkpoint_load import load_checkpoint
@@ -295,9 +303,7 @@ def test_tied_head_is_refused_naming_no_single_precision_and_untied_it_runs_quan
     ],
 )
 def test_bad_config_is_one_line(body, message):
-    with pytest.raises(LlmshrinkError) as info:
-        parse_stage({"quantize": body}, "recipe.yaml", "stages[0]")
-    assert str(info.value) == "recipe.yaml: stages[0].quantize" + message
+    assert stage_error("quantize", body) == message
 
 
 def test_good_config_parses():

@@ -33,7 +33,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 MUTATIONS_PER_RECIPE = 30
 APPLY_PER_RECIPE = 6
 # key -> the most a tiny apply may use (ints only; smaller values are kept)
-CAPS = {"steps": 2, "steps_per_round": 1, "prune_steps": 2, "selection_tokens": 64, "calibration_tokens": 64,
+CAPS = {"steps": 2, "steps_per_round": 1, "prune_steps": 2, "calibration_tokens": 64,
         "eval_tokens": 32, "iters": 10, "search_iters": 3, "search_restarts": 1, "n_iter_max": 10, "power_iters": 1,
         "batch_size": 2, "seq_len": 16, "max_new_tokens": 4, "max_tokens": 256, "prompt_tokens": 4,
         "new_tokens": 2, "repeats": 1, "warmup_steps": 0, "limit": 2, "window": 32, "stride": 16, "eval_every": 1,

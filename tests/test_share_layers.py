@@ -1,59 +1,55 @@
-"""The share_layers pass (MobileLLM layer sharing) on tiny GPT-2, Llama (GQA, KV cache) and BERT."""
+"""The share_layers pass (MobileLLM layer sharing) on every family's tiny model: GPT-2, Llama (GQA, KV cache),
+Mistral, Qwen2, Gemma 3 (sliding and full attention layers) and BERT."""
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
     AUTO,
+    BUILDERS,
+    DECODER_BUILDERS,
+    FAMILY,
     n_params,
+    recipe_error,
     reload_without_llmshrink,
-    tiny_bert,
-    tiny_gpt2,
-    tiny_llama,
+    tiny_neox,
+    tiny_opt,
     tiny_tokenizer,
 )
 from safetensors.torch import load_file
 from torch import nn
-from transformers import (
-    BertForMaskedLM,
-    GPT2LMHeadModel,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-)
 
 import llmshrink
 from llmshrink.checkpoint import save_checkpoint
 from llmshrink.context import Context
-from llmshrink.errors import LlmshrinkError, RecipeError
+from llmshrink.errors import LlmshrinkError
+from llmshrink.families import supported
 from llmshrink.modules.kronecker import KroneckerLinear
 from llmshrink.modules.shared_block import SharedBlockRef
 from llmshrink.passes.share_layers import ShareLayersConfig, apply, merge_most_similar
-from llmshrink.recipe import load_recipe
 from llmshrink.specs import DataSpec
 
 IDS = torch.tensor([[1, 5, 9, 33, 2, 100, 7, 64, 3, 3], [4, 8, 15, 16, 23, 42, 99, 0, 12, 1]])
+LONG = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))  # past sliding windows of 16
 
 
-def llama(layers: int = 4) -> LlamaForCausalLM:
-    return tiny_llama(layers=layers, intermediate_size=128)
+def build(family: str, layers: int = 4) -> nn.Module:
+    """The family's tiny model with 128-wide MLPs. Gemma 3 in pairs of sliding and full layers, as the real one
+    runs 5 sliding layers, then a full one: neighbours that share agree on their attention type."""
+    builder = BUILDERS[family]
+    sizes = {"bert": {}, "gpt2": {"n_inner": 128}}.get(family, {"intermediate_size": 128})
+    pairs = {"layer_types": ["sliding_attention"] * 2 + ["full_attention"] * 2} if family == "gemma3" else {}
+    return builder(layers=layers, **sizes, **pairs)
 
 
-def gpt2(layers: int = 4) -> GPT2LMHeadModel:
-    return tiny_gpt2(layers=layers, n_inner=128)
-
-
-def bert(layers: int = 4) -> BertForMaskedLM:
-    return tiny_bert(layers=layers)
-
-
-BUILDERS = {"gpt2": gpt2, "llama": llama, "bert": bert}
-LISTS = {"gpt2": "transformer.h", "llama": "model.layers", "bert": "bert.encoder.layer"}
+FAMILIES = list(BUILDERS)
+LISTS = {name: "model.layers" for name in FAMILIES} | {"gpt2": "transformer.h", "bert": "bert.encoder.layer"}
 
 
 def ctx() -> Context:
@@ -62,7 +58,6 @@ def ctx() -> Context:
 
 def blocks(model: nn.Module, family: str) -> nn.ModuleList:
     return model.get_submodule(LISTS[family])
-
 
 
 @torch.no_grad()
@@ -93,21 +88,22 @@ def unrolled(model: nn.Module, family: str) -> nn.Module:
     return flat
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_identity_share_map_leaves_logits_unchanged(family):
-    model = BUILDERS[family]()
+    model = build(family)
     before = logits(model)
     record = apply(model, ShareLayersConfig(share_map=[0, 1, 2, 3]), ctx())
     assert record["share_map"] == [0, 1, 2, 3] and record["unique_blocks"] == 4 and record["mode"] == "map"
+    assert record["family"] == FAMILY[family]
     assert record["params_after"] == record["params_before"] == n_params(model)
     assert torch.equal(logits(model), before)
     assert not any(isinstance(m, SharedBlockRef) for m in model.modules())
 
 
 @pytest.mark.parametrize("init", ["first", "average"])
-@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_repeat_of_identical_neighbours_is_exact_and_halves_block_params(family, init):
-    model = BUILDERS[family]()
+    model = build(family)
     make_identical(model, family, [(0, 1), (2, 3)])
     before, params_before = logits(model), n_params(model)
     per_block = n_params(blocks(model, family)[0])
@@ -125,18 +121,26 @@ def test_repeat_of_identical_neighbours_is_exact_and_halves_block_params(family,
     assert torch.allclose(logits(model), before, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
+# Each position runs the block its map names: moved (position 0 runs block 1), shared by two positions, own.
+MAPS = {"gemma3": [1, 1, 3, 2]}  # within its sliding pair and its full pair
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shared_forward_equals_a_plain_model_with_copied_blocks(family):
-    # Position 0 and 2 run original block 1, position 1 runs block 0 (moved), position 3 its own.
-    model = BUILDERS[family]()
+    share_map = MAPS.get(family, [1, 0, 1, 3])
+    model = build(family)
     originals = [copy.deepcopy(b) for b in blocks(model, family)]
-    apply(model, ShareLayersConfig(share_map=[1, 0, 1, 3]), ctx())
+    apply(model, ShareLayersConfig(share_map=share_map), ctx())
     layers = blocks(model, family)
-    assert torch.equal(next(layers[0].parameters()), next(originals[1].parameters()))
-    assert torch.equal(next(layers[1].parameters()), next(originals[0].parameters()))
-    assert layers[2].block is layers[0] and layers[2].target == f"{LISTS[family]}.0"
+    for position, source in enumerate(share_map):  # a group's first position holds its block, the others refs
+        owner = share_map.index(source)
+        assert (layers[position] if position == owner else layers[position].block) is layers[owner]
+        assert torch.equal(next(layers[owner].parameters()), next(originals[source].parameters()))
+    shared = next(p for p, source in enumerate(share_map) if p != share_map.index(source))
+    owner = share_map.index(share_map[shared])
+    assert layers[shared].target == f"{LISTS[family]}.{owner}"
     flat = unrolled(model, family)
-    assert torch.equal(logits(model), logits(flat))
+    assert torch.equal(logits(model, LONG), logits(flat, LONG))
     hidden = model(IDS, output_hidden_states=True).hidden_states
     assert len(hidden) == 5  # the shared block reports its output at each position it runs
     if family == "bert":
@@ -144,35 +148,36 @@ def test_shared_forward_equals_a_plain_model_with_copied_blocks(family):
     # One tensor, trained from both positions: its gradient is the sum of the two copies' gradients.
     for net in (model, flat):
         net(IDS, labels=IDS).loss.backward()
-    shared = next(layers[0].parameters()).grad
-    copies = [next(blocks(flat, family)[p].parameters()).grad for p in (0, 2)]
-    assert torch.allclose(shared, copies[0] + copies[1], atol=1e-6)
+    grad = next(layers[owner].parameters()).grad
+    copies = [next(blocks(flat, family)[p].parameters()).grad for p in (owner, shared)]
+    assert torch.allclose(grad, copies[0] + copies[1], atol=1e-6)
 
 
 def test_init_average_is_the_mean_of_the_group():
-    model = gpt2(layers=3)
+    model = build("gpt2", 3)
     weights = [b.mlp.c_fc.weight.detach().clone() for b in model.transformer.h]
     record = apply(model, ShareLayersConfig(share_map=[2, 2, 2], init="average"), ctx())
     assert record["groups"] == [[0, 1, 2]] and record["unique_blocks"] == 1
     assert torch.allclose(model.transformer.h[0].mlp.c_fc.weight, sum(weights) / 3, atol=1e-7)
-    first = gpt2(layers=3)
+    first = build("gpt2", 3)
     apply(first, ShareLayersConfig(share_map=[2, 2, 2], init="first"), ctx())
     assert torch.equal(first.transformer.h[0].mlp.c_fc.weight, weights[2])  # the named block, moved to 0
 
 
+@pytest.mark.parametrize("family", list(DECODER_BUILDERS))
 @torch.no_grad()
-def test_llama_generate_with_cache_equals_without():
-    model = llama()
+def test_generate_with_cache_equals_without(family):
+    model = build(family)
     apply(model, ShareLayersConfig(mode="repeat"), ctx())
-    prompt = IDS[:1, :5]
+    prompt = IDS[:1, :5]  # 17 tokens in all: past Mistral's and Gemma 3's sliding window of 16
     cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
     assert torch.equal(cached, model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False))
-    assert torch.equal(cached, unrolled(model, "llama").generate(prompt, max_new_tokens=12, do_sample=False))
+    assert torch.equal(cached, unrolled(model, family).generate(prompt, max_new_tokens=12, do_sample=False))
 
     def step_gap(net) -> float:
         """Last-token logits from prefix + cache, against the full sequence without cache."""
         out = net(IDS[:, :-1], use_cache=True)
-        step = net(IDS[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        step = net(IDS[:, -1:], cache=out.cache, use_cache=True).logits[:, -1]
         return (step - net(IDS, use_cache=False).logits[:, -1]).abs().max().item()
 
     assert step_gap(model) < 1e-5
@@ -186,7 +191,7 @@ def test_llama_generate_with_cache_equals_without():
 
 
 def test_select_weights_merges_the_most_similar_neighbours():
-    model = llama()
+    model = build("llama")
     make_identical(model, "llama", [(1, 2)])
     record = apply(model, ShareLayersConfig(unique_blocks=3, select="weights"), ctx())
     sims = record["similarity"]["adjacent"]
@@ -195,13 +200,13 @@ def test_select_weights_merges_the_most_similar_neighbours():
     assert record["share_map"] == [0, 1, 1, 3] and record["unique_blocks"] == 3
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_select_outputs_reads_calibration_text(tiny_text, family):
-    model = BUILDERS[family]()
+    model = build(family)
     make_identical(model, family, [(2, 3)])
     before = logits(model)
     context = Context(tokenizer=tiny_tokenizer(), log=lambda _: None, data=DataSpec(source=str(tiny_text)))
-    record = apply(model, ShareLayersConfig(unique_blocks=3, select="outputs", selection_tokens=300), context)
+    record = apply(model, ShareLayersConfig(unique_blocks=3, select="outputs", calibration_tokens=300), context)
     sims = record["similarity"]["adjacent"]
     assert record["similarity"]["calibration_tokens"] == 300
     assert sims[2] == pytest.approx(1.0) and max(sims[:2]) < 0.99  # blocks 2, 3: the same function
@@ -216,7 +221,7 @@ def test_merge_most_similar_cuts_at_the_least_similar_boundaries():
 
 
 def test_repeat_on_an_odd_depth_keeps_the_last_block_alone():
-    model = gpt2(layers=3)
+    model = build("gpt2", 3)
     record = apply(model, ShareLayersConfig(), ctx())
     assert record["share_map"] == [0, 0, 2] and record["unique_blocks"] == 2
 
@@ -235,8 +240,8 @@ def checkpoints(tmp_path_factory):
     """{family: (shared model, checkpoint dir)}: repeat sharing; Llama's block 0 also has a Kronecker MLP."""
     root = tmp_path_factory.mktemp("shared")
     saved = {}
-    for family, build in BUILDERS.items():
-        model = build()
+    for family in FAMILIES:
+        model = build(family)
         if family == "llama":
             mlp = model.model.layers[0].mlp
             mlp.up_proj = KroneckerLinear.from_linear(mlp.up_proj, (8, 8), (16, 8), rank=2)
@@ -245,15 +250,14 @@ def checkpoints(tmp_path_factory):
     return saved
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_checkpoint_stores_each_shared_tensor_once_and_reloads_exactly(checkpoints, family):
     model, out = checkpoints[family]
     name = LISTS[family]
     file_keys = set(load_file(out / "model.safetensors"))
     assert not [k for k in file_keys if k.startswith((f"{name}.1.", f"{name}.3."))]
-    assert {k for k in file_keys if k.startswith(f"{name}.")} == {
-        k for k in model.state_dict() if k.startswith(f"{name}.")
-    }
+    stored = {k for k in model.state_dict() if k.startswith(f"{name}.")}
+    assert {k for k in file_keys if k.startswith(f"{name}.")} == stored
     layout = json.loads((out / "config.json").read_text())["llmshrink_layout"]
     assert layout[f"{name}.1"] == {"type": "SharedBlockRef", "args": {"target": f"{name}.0", "position": 1}}
     assert layout[f"{name}.3"]["args"] == {"target": f"{name}.2", "position": 3}
@@ -274,7 +278,7 @@ def test_later_passes_compress_each_shared_block_once(tmp_path):
     from llmshrink.passes.prune_ffn import PruneFfnConfig
     from llmshrink.passes.prune_ffn import apply as prune_ffn
 
-    model = llama()
+    model = build("llama")
     record = apply(model, ShareLayersConfig(), ctx())
     pruned = prune_ffn(model, PruneFfnConfig(importance="magnitude", keep=0.5), ctx())
     assert [layer["name"] for layer in pruned["layers"]] == ["model.layers.0.mlp", "model.layers.2.mlp"]
@@ -284,8 +288,6 @@ def test_later_passes_compress_each_shared_block_once(tmp_path):
 
 
 def test_broken_share_target_is_one_line(checkpoints, tmp_path):
-    import shutil
-
     _, out = checkpoints["gpt2"]
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
@@ -312,7 +314,7 @@ def probe(model, name):
 def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints):
     reloaded = reload_without_llmshrink({family: out for family, (_, out) in checkpoints.items()}, IDS, auto=AUTO,
                                         layer="SharedBlockRef", probe=SHARED_REFS)
-    assert list(reloaded) == list(BUILDERS)
+    assert list(reloaded) == FAMILIES
     for family, got in reloaded.items():
         # The ref class came from the checkpoint folder (copied by transformers), not from llmshrink.
         assert got["layers"] and all(module.startswith(f"transformers_modules.{family}.")
@@ -328,19 +330,18 @@ def test_checkpoint_reloads_through_remote_code_without_llmshrink(checkpoints):
 
 
 def test_bad_input_gets_one_line():
-    config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                       max_position_embeddings=64, word_embed_proj_dim=64)
     cases = [
-        (OPTForCausalLM(config), ShareLayersConfig(),
-         "share_layers: OPTForCausalLM is not supported; supported: Llama-family (model.layers), "
-         "GPT-2 (transformer.h), BERT-family (encoder.layer)"),
-        (llama(), ShareLayersConfig(share_map=[0, 0, 2]),
+        (tiny_opt(layers=2), ShareLayersConfig(),
+         f"share_layers: OPTForCausalLM (model_type 'opt') is not supported; supported: {supported()}"),
+        (tiny_neox(), ShareLayersConfig(),
+         f"share_layers: GPTNeoXForCausalLM (model_type 'gpt_neox') is not supported; supported: {supported()}"),
+        (build("llama"), ShareLayersConfig(share_map=[0, 0, 2]),
          "share_layers.share_map: 3 entries for the 4 positions of model.layers; give one block index per position"),
-        (llama(), ShareLayersConfig(share_map=[0, 0, 4, 4]),
+        (build("llama"), ShareLayersConfig(share_map=[0, 0, 4, 4]),
          "share_layers.share_map[2]: block 4 is out of range; model.layers has blocks 0..3"),
-        (gpt2(), ShareLayersConfig(share_map=[0, -1, 2, 3]),
+        (build("gpt2"), ShareLayersConfig(share_map=[0, -1, 2, 3]),
          "share_layers.share_map[1]: block -1 is out of range; transformer.h has blocks 0..3"),
-        (bert(), ShareLayersConfig(unique_blocks=5),
+        (build("bert"), ShareLayersConfig(unique_blocks=5),
          "share_layers.unique_blocks: 5 exceeds the 4 blocks of bert.encoder.layer"),
     ]
     for model, cfg, message in cases:
@@ -348,7 +349,7 @@ def test_bad_input_gets_one_line():
             apply(model, cfg, ctx())
         assert str(err.value) == message
 
-    model = llama()
+    model = build("llama")
     apply(model, ShareLayersConfig(), ctx())
     with pytest.raises(LlmshrinkError) as err:
         apply(model, ShareLayersConfig(), ctx())
@@ -358,7 +359,7 @@ def test_bad_input_gets_one_line():
 
 
 def test_blocks_that_cannot_be_merged_are_refused():
-    model = gpt2()
+    model = build("gpt2")
     mlp = model.transformer.h[3].mlp
     mlp.c_fc = KroneckerLinear.from_linear(mlp.c_fc, (8, 8), (16, 8))
     before = logits(model)
@@ -376,22 +377,26 @@ def test_blocks_that_cannot_be_merged_are_refused():
     record = apply(model, ShareLayersConfig(share_map=[0, 1, 3, 3]), ctx())
     assert isinstance(model.transformer.h[2].mlp.c_fc, KroneckerLinear) and record["unique_blocks"] == 3
 
-    model = llama()
-    model.config.layer_types = ["full_attention", "sliding_attention"] * 2
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    (ShareLayersConfig(mode="repeat"), "share_layers: positions [0, 1] have different layer types "
+                                       "(full_attention, sliding_attention) and cannot share one block"),
+    (ShareLayersConfig(share_map=[1, 0, 2, 3]), "share_layers: block 1 (full_attention) cannot run at positions [0] "
+                                                "(sliding_attention): different layer types"),
+])
+def test_gemma3_refuses_sharing_sliding_with_full_layers(cfg, message):
+    model = DECODER_BUILDERS["gemma3"](layers=4)  # sliding, full, sliding, full
+    before = logits(model, LONG)
     with pytest.raises(LlmshrinkError) as err:
-        apply(model, ShareLayersConfig(), ctx())
-    assert str(err.value) == (
-        "share_layers: positions [0, 1] have different layer types (full_attention, sliding_attention) "
-        "and cannot share one block"
-    )
+        apply(model, cfg, ctx())
+    assert str(err.value) == message
+    assert torch.equal(logits(model, LONG), before) and not any(isinstance(m, SharedBlockRef) for m in model.modules())
 
 
 RECIPE = "name: t\nmodel: {id: some/dir}\nstages:\n  - share_layers: {%s}\noutput: {dir: out/t}\n"
 
 
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
+@pytest.mark.parametrize(("body", "message"), [
         ("share_map: [0, 0], unique_blocks: 1", "stages[0].share_layers: value error, set share_map (mode: map) "
                                                 "or unique_blocks (mode: select), not both"),
         ("mode: select", "stages[0].share_layers: value error, mode: select needs unique_blocks"),
@@ -399,11 +404,8 @@ RECIPE = "name: t\nmodel: {id: some/dir}\nstages:\n  - share_layers: {%s}\noutpu
          "stages[0].share_layers: value error, mode: repeat takes neither share_map nor unique_blocks"),
         ("unique_blocks: 0", "stages[0].share_layers.unique_blocks: input should be greater than or equal to 1, got 0"),
         ("init: mean", "stages[0].share_layers.init: input should be 'first' or 'average', got 'mean'"),
-    ],
-)
+])
 def test_bad_config_is_one_line(tmp_path, body, message):
     path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE % body)
-    with pytest.raises(RecipeError) as err:
-        load_recipe(path)
-    assert str(err.value).startswith(f"{path}: {message}")
+    assert recipe_error(path, RECIPE % body).startswith(f"{path}: {message}")
+

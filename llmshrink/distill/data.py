@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from llmshrink.errors import LlmshrinkError, did_you_mean
+from llmshrink.errors import LlmshrinkError, did_you_mean, first_line
 from llmshrink.specs import DataSpec
 
 Part = Literal["train", "heldout"]
@@ -251,7 +251,7 @@ def _hub_error(spec: DataSpec, err: BaseException) -> LlmshrinkError:
         known = _listed(text, "Should be one of ")
         return LlmshrinkError(f"data.split: {spec.split!r} is not a split of dataset {name!r}"
                               f"{did_you_mean(spec.split, known.split(', '))}; available: {known}")
-    return LlmshrinkError(f"data.source: cannot load dataset {name!r}: {_first_line(err)}")
+    return LlmshrinkError(f"data.source: cannot load dataset {name!r}: {first_line(err)}")
 
 
 # Network failures that are not builtin ConnectionErrors (httpx, requests, huggingface_hub's cache miss).
@@ -280,11 +280,6 @@ def _listed(text: str, after: str = "configs: ", show: int = 12) -> str:
         return text[start:end + 1] or "(not listed)"
     more = f", ... ({len(names)} in all)" if len(names) > show else ""
     return ", ".join(names[:show]) + more
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _no_field(field: str, source: str, columns: Iterable[str]) -> LlmshrinkError:

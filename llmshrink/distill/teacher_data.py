@@ -50,26 +50,24 @@ def teacher_token_ids(
         raise LlmshrinkError("data.source teacher: the tokenizer has no EOS token to end and separate samples")
     prompts = _PromptSource(sampling, tokenizer)
     folder = _cache_folder(cache_dir, sampling, tokenizer, fingerprint)
-    samples: list[list[int]] = []
-    have = 0
+    ids: list[int] = []
     bar = _progress_bar(tokens, progress)
     try:
-        for index in range(1_000_000):
-            if have >= tokens:
-                break
+        index = 0
+        while len(ids) < tokens:
             batch = _read_batch(folder, index)
             if batch is None:
                 batch = _generate_batch(teacher, tokenizer, sampling, prompts.batch(index), index)
                 _write_batch(folder, index, batch)
-            samples += batch
-            added = sum(len(s) + 1 for s in batch)
-            have += added
+            before = len(ids)
+            for sample in batch:
+                ids += (*sample, eos)
             if bar is not None:
-                bar.update(min(added, tokens - bar.n))
+                bar.update(min(len(ids), tokens) - before)
+            index += 1
     finally:
         if bar is not None:
             bar.close()
-    ids = [t for sample in samples for t in (*sample, eos)]
     return torch.tensor(ids[:tokens], dtype=torch.long)
 
 
@@ -108,17 +106,21 @@ class _PromptSource:
 
     def __init__(self, sampling: TeacherSampling, tokenizer):
         self.sampling, self.tokenizer = sampling, tokenizer
-        self.docs: list[str] = []
-        if sampling.prompts is not None:
+        self.start = _start_token(tokenizer)
+        self._docs: list[str] | None = None  # read at the first batch to generate: a cached run never needs them
+
+    @property
+    def docs(self) -> list[str]:
+        if self._docs is None:
             from llmshrink.distill.data import load_texts
 
-            self.docs = load_texts(sampling.prompts)
-            random.Random(sampling.seed).shuffle(self.docs)
-        self.start = _start_token(tokenizer)
+            self._docs = load_texts(self.sampling.prompts)
+            random.Random(self.sampling.seed).shuffle(self._docs)
+        return self._docs
 
     def batch(self, index: int) -> list[list[int]]:
         size = self.sampling.batch_size
-        if not self.docs:
+        if self.sampling.prompts is None:
             return [[self.start]] * size  # the first token is then drawn from the model's own distribution
         keep = self.sampling.prompt_tokens
         picked = [self.docs[(index * size + j) % len(self.docs)] for j in range(size)]

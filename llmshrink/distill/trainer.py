@@ -56,6 +56,17 @@ class TrainResult:
     step_tokens: list[int] = field(default_factory=list, repr=False)  # tokens so far after each step
     evals: list[tuple[int, int, float]] = field(default_factory=list)  # (step, tokens so far, eval_fn value)
 
+    def summary(self) -> dict:
+        """What a training pass's record says of this run (its curve aside)."""
+        return {"steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_s": round(self.tokens_per_s, 1), "first_loss": self.first_loss,
+                "last_loss": self.last_loss, "final_parts": self.last_parts}
+
+    def log_line(self, what: str) -> str:
+        """`what` (e.g. "distill: loss"), then the first and last loss, tokens, time and throughput."""
+        return (f"{what} {self.first_loss:.4f} -> {self.last_loss:.4f}, {self.tokens:,} tokens in "
+                f"{self.seconds:.1f}s ({self.tokens_per_s:.0f} tokens/s)")
+
 
 class FrozenTeacher(nn.Module):
     """Runs the wrapped model in eval mode without building a graph, whatever the caller does."""

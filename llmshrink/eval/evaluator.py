@@ -3,9 +3,15 @@ tasks and peak RAM, with the protocol of each measurement recorded beside it (se
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from llmshrink.recipe import LatencySpec, Recipe
+from llmshrink.errors import LlmshrinkError
+from llmshrink.eval.specs import LatencySpec
+
+if TYPE_CHECKING:
+    from llmshrink.recipe import Recipe
 
 
 class Evaluator:
@@ -16,7 +22,16 @@ class Evaluator:
 
         self.spec, self.tokenizer, self.device = recipe.evaluate, tokenizer, device
         self.vocab_size = len(tokenizer)
-        self.specs = self.spec.perplexity_specs  # the primary dataset first
+        # An encoder (model.task other than causal_lm) is scored on its task: (eval/encoder_eval.py); the
+        # language-model measurements' defaults (perplexity) are off for it (recipe.check_task refuses them set).
+        self.encoder, self.model_spec = None, recipe.model
+        if recipe.model.task != "causal_lm":
+            from llmshrink.eval.encoder_eval import EncoderTask
+
+            if recipe.task is None:
+                raise LlmshrinkError(f"task: model.task {recipe.model.task}: an encoder needs a task: section to be scored on")
+            self.encoder = EncoderTask(recipe.task, tokenizer, device)
+        self.specs = self.spec.perplexity_specs if self.encoder is None else []  # the primary dataset first
         self.has_perplexity = bool(self.specs)
         # By name, loaded once; several datasets add perplexity_by_dataset and the protocol of each.
         self.dataset_ids = {spec.label: token_ids(spec.data, tokenizer) for spec in self.specs}
@@ -25,7 +40,26 @@ class Evaluator:
         self._perplexity: dict = {}  # the primary protocol's shared fields (data, window, ...), see `protocol`
         self._datasets: dict[str, dict] = {}  # every dataset's protocol, by name
         self.tied: dict[str, bool] = {}  # per measured model ("base", "compressed"): embeddings tied?
-        self.protocols: dict = {}  # the other measurements: macs, memory, lm_eval, generation
+        self.protocols: dict = {}  # the other measurements: macs, memory, lm_eval, generation; task, latency
+        if self.encoder is not None:
+            self.protocols["task"] = self.encoder.protocol
+
+    @property
+    def quality_name(self) -> str:
+        """The metric quality() gives: "perplexity" (lower is better), "accuracy" or "spearman" (higher)."""
+        return self.encoder.primary if self.encoder is not None else "perplexity"
+
+    @property
+    def has_quality(self) -> bool:
+        """Whether quality() measures anything: an encoder's task always, a decoder's perplexity unless off."""
+        return self.encoder is not None or self.has_perplexity
+
+    def quality(self, model) -> float:
+        """The one number of a stage row (and ctx.evaluate): perplexity of a decoder, the task's primary metric
+        (accuracy, spearman) of an encoder."""
+        if self.encoder is not None:
+            return self.encoder.scores(model)[self.encoder.primary]
+        return self.perplexity(model)
 
     @property
     def protocol(self) -> dict:
@@ -68,6 +102,8 @@ class Evaluator:
         from llmshrink.eval.size import has_tied_embeddings, safetensors_bytes
 
         metrics = {"params": self.params(model), "size_bytes": safetensors_bytes(model)}
+        if self.encoder is not None:
+            return {**metrics, **self._measure_encoder(model, log)}
         if self.has_perplexity:
             self.tied[which] = has_tied_embeddings(model)
             metrics["perplexity"] = known_ppl if known_ppl is not None else self.perplexity(model)
@@ -90,6 +126,23 @@ class Evaluator:
             metrics.update(self.macs(model, log))
         return metrics
 
+    def _measure_encoder(self, model, log) -> dict:
+        """Task scores, latency per batch and MACs per token of an encoder (known_ppl does not apply)."""
+        metrics = self.encoder.scores(model)
+        log("  " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if self.spec.latency is not None:
+            timing, self.protocols["latency"] = self.encoder.latency(model, self.spec.latency)
+            metrics.update(timing)
+        if self.spec.macs:
+            seq_len = self.encoder.batch(1)["input_ids"].shape[1]
+            macs, missing = self.encoder.macs(model, seq_len)
+            metrics.update(macs)
+            self.protocols["macs"] = {"seq_len": seq_len, "decode_context": None, "counter": "FlopCounterMode / 2",
+                                      "how": "one forward over seq_len random tokens (the first example's length)"}
+            if missing:
+                log(f"  MACs: not counted (no formula): {', '.join(missing)}")
+        return metrics
+
     def macs(self, model, log) -> dict:
         from llmshrink.eval.macs import macs_per_decode_token, macs_per_token
         from llmshrink.eval.perplexity import max_positions
@@ -107,8 +160,11 @@ class Evaluator:
         return {"macs_per_token": prefill["total"], "decode_macs_per_token": decode["total"]}
 
     def tasks(self, model, which: str, log) -> dict:
-        """lm-eval and generation metrics, as {"lm_eval": {task: {metric}}, "generation": {metric}}."""
+        """lm-eval and generation metrics, as {"lm_eval": {task: {metric}}, "generation": {metric}}; {} for an
+        encoder (its task scores are measure()'s)."""
         out: dict = {}
+        if self.encoder is not None:
+            return out
         if self.spec.lm_eval is not None:
             from llmshrink.eval.lm_eval_bridge import run_lm_eval
 
@@ -131,9 +187,25 @@ class Evaluator:
         return out
 
     def memory(self, model_or_dir, device: torch.device) -> dict:
+        """Peak RAM of loading `model_or_dir` (a checkpoint dir, a model id, or a ModelSpec: an encoder's base
+        must be one, so that its Auto class is the task's), then of generating (decoder) or of one forward
+        over the latency batch (encoder), in a fresh process."""
         from llmshrink.eval.memory import measure_memory
 
         lat = self.spec.latency or LatencySpec()
+        if self.encoder is not None:
+            from llmshrink.eval.encoder_eval import latency_batch_size
+
+            if isinstance(model_or_dir, str) and model_or_dir == self.model_spec.id:
+                model_or_dir = self.model_spec  # the base: loaded for its task, not as a causal LM
+            size = latency_batch_size(lat)
+            tokens = int(self.encoder.batch(size)["input_ids"].shape[1])
+            measured = measure_memory(model_or_dir, tokens, 1, size, str(device), forward_only=True)
+            self.protocols["memory"] = {"tokens": tokens, "batch_size": size, "device": str(device),
+                                        "how": "peak RSS of a fresh process that loads, then runs one forward "
+                                               "over batch_size random sequences of `tokens` tokens"}
+            return {"peak_ram_load_mb": measured["peak_rss_load_mb"],
+                    "peak_ram_forward_mb": measured["peak_rss_forward_mb"]}
         measured = measure_memory(model_or_dir, lat.prompt_tokens, lat.new_tokens, lat.batch_size, str(device))
         self.protocols["memory"] = {"prompt_tokens": lat.prompt_tokens, "new_tokens": lat.new_tokens,
                                     "batch_size": lat.batch_size, "device": str(device),
@@ -142,5 +214,23 @@ class Evaluator:
                 "peak_ram_generate_mb": measured["peak_rss_generate_mb"]}
 
     def probe_ids(self) -> torch.Tensor:
+        """Token ids of the reload check: a decoder's first 64 evaluation tokens (1, 64); an encoder's first
+        task texts, padded (probe_inputs() has their attention mask)."""
+        if self.encoder is not None:
+            return self.encoder.probe_inputs()["input_ids"]
         ids = self.ids[:64] if self.ids is not None else torch.arange(16) % self.vocab_size
         return ids.unsqueeze(0).to(self.device)
+
+    def probe_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword inputs of the reload check's forward: {"input_ids"} of a decoder; an encoder's padded
+        task texts with their attention mask (and token_type_ids where the tokenizer gives them)."""
+        if self.encoder is not None:
+            return self.encoder.probe_inputs()
+        return {"input_ids": self.probe_ids()}
+
+    def outputs(self, model) -> torch.Tensor:
+        """What the reload check compares: the model's logits on probe_inputs(), else (a bare encoder) its
+        last_hidden_state; in eval mode, without gradients."""
+        from llmshrink.eval.encoder_eval import model_outputs
+
+        return model_outputs(model, self.probe_inputs())

@@ -50,13 +50,17 @@ def measure_memory(
     batch_size: int = 1,
     device: str = "cpu",
     timeout: float = 1800,
+    forward_only: bool = False,
 ) -> dict:
     """Peak memory of loading `model` and generating with it, measured in a fresh Python process.
 
     `model`: an llmshrink checkpoint directory (loaded by load_checkpoint), or anything load_base_model
     takes (a local transformers directory, builtin:NAME, a hub id). The child imports torch,
     transformers and llmshrink, then loads, then greedily generates `new_tokens` tokens after
-    `batch_size` random prompts of `prompt_tokens` tokens. Returns, in MiB of resident memory:
+    `batch_size` random prompts of `prompt_tokens` tokens. A ModelSpec is loaded as load_base_model loads it
+    (its `task` picks the Auto class of an encoder). `forward_only` (encoders, which do not generate): one
+    forward over the prompts instead, and "peak_rss_forward_mb" (and "peak_gpu_forward_mb") instead of the
+    generate peaks. Returns, in MiB of resident memory:
     "rss_before_load_mb" (resident just before loading: the interpreter and libraries),
     "peak_rss_load_mb" (peak of the process once loaded), "peak_rss_generate_mb" (peak of the whole
     process after generating), on CUDA "peak_gpu_load_mb" / "peak_gpu_generate_mb"
@@ -66,14 +70,15 @@ def measure_memory(
     """
     if prompt_tokens < 1 or new_tokens < 1 or batch_size < 1:
         raise LlmshrinkError("prompt_tokens, new_tokens and batch_size must all be >= 1")
-    args = {"model": str(model), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "batch_size": batch_size, "device": device}
+    spec = model.model_dump() if hasattr(model, "model_dump") else None  # a ModelSpec
+    args = {"model": spec["id"] if spec else str(model), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "batch_size": batch_size, "device": device, "forward_only": forward_only}
     env = dict(os.environ)
     src_root = str(Path(__file__).resolve().parents[2])  # the llmshrink the caller runs, installed or not
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True,
-                              env=env, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps({**args, "spec": spec})],
+                              capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise LlmshrinkError(f"measure_memory({model}): no result after {timeout:g} s") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -95,6 +100,7 @@ def _memory_probe(arg: str) -> None:
     from llmshrink.checkpoint import MANIFEST_FILE
     from llmshrink.checkpoint_load import load_checkpoint
     from llmshrink.models import load_base_model
+    from llmshrink.specs import ModelSpec
 
     gpu = device.type == "cuda"
     out = {"rss_before_load_mb": psutil.Process().memory_info().rss / _MB}
@@ -102,12 +108,22 @@ def _memory_probe(arg: str) -> None:
     if (path / MANIFEST_FILE).is_file():
         model = load_checkpoint(path, device)
     else:
-        model = load_base_model(args["model"], device=device, log=lambda _: None).model
+        spec = ModelSpec(**args["spec"]) if args.get("spec") else args["model"]
+        model = load_base_model(spec, device=device, log=lambda _: None).model
     if gpu:
         torch.cuda.synchronize(device)
         out["peak_gpu_load_mb"] = torch.cuda.max_memory_allocated(device) / _MB
     out["peak_rss_load_mb"] = peak_rss_mb()
     ids = random_ids(model, args["batch_size"], args["prompt_tokens"], seed=0)
+    if args.get("forward_only"):
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        if gpu:
+            torch.cuda.synchronize(device)
+            out["peak_gpu_forward_mb"] = torch.cuda.max_memory_allocated(device) / _MB
+        out["peak_rss_forward_mb"] = peak_rss_mb()
+        print(json.dumps(out), flush=True)
+        return
     with torch.inference_mode():
         generated = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=args["new_tokens"],

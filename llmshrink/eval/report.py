@@ -11,6 +11,16 @@ Metric dict contract, shared by apply, the manifest and this report (a missing k
     load_seconds         float  time to load the model                     (latency.load_time)
     compress_seconds     float  time the recipe's stages took (compressed model only)
 
+An encoder (eval/encoder_eval.py) has no perplexity, decode tokens/s or prefill ms; once base or compressed
+holds one of its task scores (TASK_KEYS), those decoder rows are printed only where measured. Its keys, all
+optional:
+
+    accuracy, f1 | macro_f1, matthews_corrcoef   float  classification scores on the task split
+    spearman, pearson                            float  similarity correlations on the task split
+    batch_ms             float  mean ms of one forward over a batch of task texts (EncoderTask.latency)
+    examples_per_s       float  batch size / that time
+    peak_ram_forward_mb  float  peak resident MiB after one forward (measure_memory(forward_only=True))
+
 Optional keys: a row is printed only when base or compressed has a value, so tables of runs that do
 not measure them stay as they were.
 
@@ -23,7 +33,11 @@ not measure them stay as they were.
     perplexity_by_dataset  {name: float}  every dataset of a recipe that names several, the primary
                                           (`perplexity`) first; one row per dataset, "perplexity (NAME)"
 
-Stage rows (one per recipe stage): `stage` (name), `seconds`, `params` and `perplexity` after it (primary).
+Stage rows (one per recipe stage): `stage` (name), `seconds`, `params` and `perplexity` after it (primary), or
+an encoder's primary task score after it (`accuracy` or `spearman`, the Evaluator's quality_name).
+Encoder protocols (report's `protocols`, the manifest's evaluation): `task` {kind, dataset, config, split,
+examples, max_length, batch_size, primary, ...} and `latency` {batch_size, repeats, warmup, tokens_per_example,
+split, device, ...}.
 Perplexity protocol dict: `dataset`, `split`, `window`, `stride`, `tokens`, `bos` (PerplexityResult.protocol
 plus what the caller knows about the data), and `tied_embeddings`, per measured model ({"base": bool,
 "compressed": bool}; a plain bool in manifests written before llmshrink recorded it per model). With several
@@ -47,19 +61,32 @@ METRIC_KEYS = (
     "macs_per_token",
     "decode_macs_per_token",
     "perplexity",
+    "accuracy",
+    "f1",
+    "macro_f1",
+    "matthews_corrcoef",
+    "spearman",
+    "pearson",
     "decode_tokens_per_s",
     "decode_ms_per_token",
     "prefill_ms",
+    "batch_ms",
+    "examples_per_s",
     "load_seconds",
     "peak_ram_load_mb",
     "peak_ram_generate_mb",
+    "peak_ram_forward_mb",
     "compress_seconds",
 )
 COMPRESSED_ONLY = {"compress_seconds"}
 # The scores a `generation` result may hold (0-100); its other keys (samples, ...) are not metrics.
 GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "meteor")
+# An encoder's task scores (eval/encoder_eval.TASK_METRICS), the primary ones (quality_name) first.
+TASK_KEYS = ("accuracy", "spearman", "f1", "macro_f1", "matthews_corrcoef", "pearson")
+ENCODER_KEYS = (*TASK_KEYS, "batch_ms", "examples_per_s", "peak_ram_forward_mb")
+DECODER_KEYS = {"perplexity", "decode_tokens_per_s", "prefill_ms"}  # optional in an encoder's table
 OPTIONAL = {"macs_per_token", "decode_macs_per_token", "decode_ms_per_token", "peak_ram_load_mb",
-            "peak_ram_generate_mb"}
+            "peak_ram_generate_mb", *ENCODER_KEYS}
 
 
 def _count(v: float) -> str:
@@ -77,12 +104,21 @@ _ROWS: dict[str, tuple[str, Callable[[float], str]]] = {
     "macs_per_token": ("MACs/token (M)", lambda v: f"{v / 1e6:.2f}"),
     "decode_macs_per_token": ("decode MACs/token (M)", lambda v: f"{v / 1e6:.2f}"),
     "perplexity": ("perplexity", _fixed(2)),
+    "accuracy": ("accuracy", _fixed(4)),
+    "f1": ("F1", _fixed(4)),
+    "macro_f1": ("macro F1", _fixed(4)),
+    "matthews_corrcoef": ("MCC", _fixed(4)),
+    "spearman": ("Spearman", _fixed(4)),
+    "pearson": ("Pearson", _fixed(4)),
     "decode_tokens_per_s": ("decode tokens/s", _fixed(1)),
     "decode_ms_per_token": ("decode ms/token", _fixed(2)),
     "prefill_ms": ("prefill ms", _fixed(1)),
+    "batch_ms": ("latency per batch (ms)", _fixed(2)),
+    "examples_per_s": ("examples/s", _fixed(1)),
     "load_seconds": ("load time (s)", _fixed(2)),
     "peak_ram_load_mb": ("peak RAM, load (MiB)", _fixed(0)),
     "peak_ram_generate_mb": ("peak RAM, generate (MiB)", _fixed(0)),
+    "peak_ram_forward_mb": ("peak RAM, forward (MiB)", _fixed(0)),
     "compress_seconds": ("compression time (s)", _fixed(1)),
 }
 
@@ -123,6 +159,8 @@ def comparison_rows(base: dict, compressed: dict, keys: Sequence[str] = METRIC_K
     """[label, base, compressed, ratio] per metric key, as display strings; "perplexity (NAME)" per dataset
     where the metrics have perplexity_by_dataset."""
     rows = []
+    encoder = is_encoder(base, compressed)
+    optional = OPTIONAL | DECODER_KEYS if encoder else OPTIONAL
     for key in keys:
         names = dataset_names(compressed, base) if key == "perplexity" else []
         if names:
@@ -133,10 +171,15 @@ def comparison_rows(base: dict, compressed: dict, keys: Sequence[str] = METRIC_K
         label = _ROWS[key][0] if key in _ROWS else key
         b = None if key in COMPRESSED_ONLY else base.get(key)
         c = compressed.get(key)
-        if key in OPTIONAL and not (_is_number(b) or _is_number(c)):
+        if key in optional and not (_is_number(b) or _is_number(c)):
             continue
         rows.append([label, _cell(key, b), _cell(key, c), ratio(b, c)])
     return rows
+
+
+def is_encoder(*metrics: dict) -> bool:
+    """Whether these metric dicts are an encoder's: one of them holds a task score (TASK_KEYS)."""
+    return any(_is_number(m.get(key)) for m in metrics for key in TASK_KEYS)
 
 
 def _dict(value) -> dict:
@@ -233,21 +276,62 @@ def protocol_lines(protocol: dict) -> list[str]:
     return lines
 
 
-def _stage_cells(row: dict) -> list[str]:
+def stage_quality_key(stage_rows: list[dict]) -> str:
+    """The score the stage rows hold: perplexity, else an encoder's primary task score (accuracy, spearman)."""
+    if not any("perplexity" in r for r in stage_rows):
+        for key in TASK_KEYS:
+            if any(key in r for r in stage_rows):
+                return key
+    return "perplexity"
+
+
+def _stage_cells(row: dict, quality: str = "perplexity") -> list[str]:
     seconds = row.get("seconds")
     return [
         str(row.get("stage", MISSING)),
         _fixed(1)(seconds) if _is_number(seconds) else MISSING,
         _cell("params", row.get("params")),
-        _cell("perplexity", row.get("perplexity")),
+        _cell(quality, row.get(quality)),
     ]
+
+
+def task_protocol_line(task: dict) -> str:
+    """One line that says how an encoder's task scores were measured."""
+    examples = task.get("examples")
+    config = f" ({task['config']})" if task.get("config") else ""
+    parts = [
+        f"{task.get('kind', MISSING)} on {task.get('dataset', MISSING)}{config} split {task.get('split', MISSING)}",
+        f"{examples:,} examples" if isinstance(examples, int) else f"examples {MISSING}",
+        f"max_length {task.get('max_length', MISSING)}",
+        f"batch {task.get('batch_size', MISSING)}",
+        f"primary metric {task.get('primary', MISSING)}",
+    ]
+    return "Task protocol: " + ", ".join(parts) + (f" ({task['how']})" if task.get("how") else "")
+
+
+def latency_protocol_line(latency: dict) -> str:
+    """One line that says how an encoder's latency per batch was measured."""
+    return (f"Latency protocol: batch of {latency.get('batch_size', MISSING)} examples of the "
+            f"{latency.get('split', MISSING)} split, padded to {latency.get('tokens_per_example', MISSING)} tokens, "
+            f"mean of {latency.get('repeats', MISSING)} forwards after {latency.get('warmup', MISSING)} warm-up, "
+            f"on {latency.get('device', MISSING)}")
+
+
+def encoder_protocol_lines(protocols: dict) -> list[str]:
+    """The task and latency protocol lines of an encoder's evaluation (none for a decoder's)."""
+    task, latency = _dict(protocols.get("task")), _dict(protocols.get("latency"))
+    if not task:
+        return []
+    return [task_protocol_line(task)] + ([latency_protocol_line(latency)] if latency else [])
 
 
 def render_report_md(
     name: str, base: dict, compressed: dict, stage_rows: list[dict], protocol: dict, notes: list[str],
-    curves_png: str | None = None,
+    curves_png: str | None = None, protocols: dict | None = None,
 ) -> str:
     """The markdown text write_report_md writes."""
+    encoder_lines = encoder_protocol_lines(_dict(protocols))
+    quality = stage_quality_key(stage_rows)
     bos = protocol.get("bos")
     datasets = list(_dict(protocol.get("datasets")))
     primary = f" ({datasets[0]})" if datasets else ""
@@ -266,7 +350,8 @@ def render_report_md(
         _md_table(HEADER, comparison_rows(base, compressed)),
         "## Stages",
         _md_table(
-            ["stage", "seconds", "params after", "perplexity after" + primary], [_stage_cells(r) for r in stage_rows]
+            ["stage", "seconds", "params after", f"{quality} after" + (primary if quality == "perplexity" else "")],
+            [_stage_cells(r, quality) for r in stage_rows],
         )
         if stage_rows
         else "No stages ran.",
@@ -276,13 +361,16 @@ def render_report_md(
         parts += ["## Task metrics", _md_table(["task metric", "base", "compressed", "ratio"], tasks)]
     if curves_png:
         parts += ["## Training curves", f"![training loss and eval perplexity by tokens]({curves_png})"]
-    parts += [
-        "## Perplexity protocol",
-        *protocol_lines(protocol),
-    ]
-    if datasets:
-        parts.append(f"The first is the primary dataset{primary}: the stages' perplexity, and the details below.")
-    parts.append("\n".join(f"- {k}: {v}" for k, v in details))
+    if encoder_lines:
+        parts += ["## Evaluation protocol", *encoder_lines]
+    if protocol or not encoder_lines:  # an encoder measures no perplexity
+        parts += [
+            "## Perplexity protocol",
+            *protocol_lines(protocol),
+        ]
+        if datasets:
+            parts.append(f"The first is the primary dataset{primary}: the stages' perplexity, and the details below.")
+        parts.append("\n".join(f"- {k}: {v}" for k, v in details))
     if notes:
         parts += ["## Notes", "\n".join(f"- {n}" for n in notes)]
     return "\n\n".join(parts) + "\n"
@@ -297,10 +385,13 @@ def write_report_md(
     protocol: dict,
     notes: list[str],
     curves_png: str | None = None,
+    protocols: dict | None = None,
 ) -> Path:
     """Write the markdown report atomically (temp file in the same directory, then os.replace).
 
     `curves_png`: a file name beside the report with the training curves, linked under its own heading.
+    `protocols`: the Evaluator's other protocols; an encoder's `task` and `latency` are printed (and, with no
+    perplexity protocol, instead of it).
     """
-    text = render_report_md(name, base, compressed, stage_rows, protocol, notes, curves_png)
+    text = render_report_md(name, base, compressed, stage_rows, protocol, notes, curves_png, protocols)
     return atomic_write_text(path, text)

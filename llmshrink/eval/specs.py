@@ -1,18 +1,20 @@
-"""The recipe's evaluate.generation and evaluate.lm_eval sections, without torch, lm_eval or metric
-libraries, so a recipe validates fast; generation.py and lm_eval_bridge.py run them (and re-export these).
+"""The recipe's evaluate: section (perplexity datasets, latency, generation, lm_eval), without torch, lm_eval or
+metric libraries, so a recipe validates fast; evaluator.py, generation.py and lm_eval_bridge.py run them.
 Also what an evaluate.generation section means (its file, fields and prompt): resolve_task."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from llmshrink.errors import LlmshrinkError, did_you_mean
 from llmshrink.eval import EVALS_DIR
-from llmshrink.specs import Spec
+from llmshrink.specs import LOCAL_DATA_SUFFIXES, DataSpec, Spec
 
 SUMMARY_PROMPT = "Summarize the dialogue.\n{input}\nSummary:"
 DATA_TO_TEXT_PROMPT = "Describe the restaurant in one sentence.\n{input}\nDescription:"
@@ -120,3 +122,85 @@ def resolve_task(spec: GenerationSpec) -> GenerationTask:
             )
     return GenerationTask(path, spec.input_field or defaults.input_field,
                           spec.target_field or defaults.target_field, spec.prompt or defaults.prompt)
+
+
+class PerplexitySpec(Spec):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$",
+                             description="how reports name this dataset; defaults to the data source's name")
+    domain: Literal["in", "out"] = Field("in", description="out: a text the recovery never saw (compare plots it)")
+    data: DataSpec = DataSpec(split="test")
+    window: int = Field(512, ge=2, description="tokens the model sees at once")
+    stride: int = Field(256, ge=1, description="new tokens scored per window")
+    batch_size: int = Field(1, ge=1)
+    add_bos: bool = Field(False, description="prepend the BOS token to every window")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_fits_window(cls, stride: int, info: ValidationInfo) -> int:
+        window = info.data.get("window")
+        if window is not None and stride > window:
+            raise PydanticCustomError("stride", "must be at most the window ({window})", {"window": window})
+        return stride
+
+    @property
+    def label(self) -> str:
+        """The name, else the data source's: builtin:shakespeare -> shakespeare, held/out.txt -> out."""
+        if self.name is not None:
+            return self.name
+        source = self.data.source.removeprefix("builtin:").rstrip("/")
+        path = Path(source)
+        stem = path.stem if path.suffix.lower() in LOCAL_DATA_SUFFIXES else path.name
+        return re.sub(r"[^\w.-]+", "-", stem).strip("-.") or "text"
+
+
+# Pydantic names the branch of the one-or-list union in error paths; describe_error leaves these names out.
+_ONE, _LIST = "one perplexity spec", "list of perplexity specs"
+PERPLEXITY_BRANCHES = (_ONE, _LIST)
+
+
+def _one_or_list(value: Any) -> str:
+    return _LIST if isinstance(value, list) else _ONE
+
+
+PerplexitySpecs = Annotated[
+    Annotated[PerplexitySpec, Tag(_ONE)] | Annotated[list[PerplexitySpec], Tag(_LIST)], Discriminator(_one_or_list)
+]
+
+
+class LatencySpec(Spec):
+    prompt_tokens: int = Field(32, ge=1)
+    new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(1, ge=1)
+    repeats: int = Field(3, ge=1)
+
+
+class EvaluateSpec(Spec):
+    perplexity: PerplexitySpecs | None = Field(
+        PerplexitySpec(), description="one spec, or a list of named ones: the first is the primary one"
+    )
+    latency: LatencySpec | None = LatencySpec()
+    generation: GenerationSpec | None = Field(None, description="greedy generation scored with ROUGE/BLEU/METEOR")
+    lm_eval: LmEvalSpec | None = Field(None, description="lm-eval tasks (registry names or llmshrink/evals/ YAMLs)")
+    macs: bool = Field(True, description="MACs per token (prefill and decode), counted from the modules")
+    memory: bool = Field(True, description="peak RAM while loading and generating, each in a fresh process")
+    after_each_stage: bool = Field(True, description="perplexity after every stage, not only at the end")
+
+    @field_validator("perplexity")
+    @classmethod
+    def _unique_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            seen: dict[str, int] = {}
+            for index, spec in enumerate(value):
+                if spec.label in seen:
+                    raise PydanticCustomError(
+                        "duplicate_name", "duplicate name '{name}' (also evaluate.perplexity[{first}]); each "
+                        "dataset needs its own name", {"name": spec.label, "first": seen[spec.label], "index": index})
+                seen[spec.label] = index
+        return value
+
+    @property
+    def perplexity_specs(self) -> list[PerplexitySpec]:
+        """The perplexity datasets, the primary one first; [] when perplexity is off."""
+        if self.perplexity is None:
+            return []
+        return list(self.perplexity) if isinstance(self.perplexity, list) else [self.perplexity]

@@ -4,10 +4,12 @@ a pass may give the engine (after the stages, and around the checkpoint); and, f
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from llmshrink.errors import LlmshrinkError
 
@@ -17,6 +19,9 @@ if TYPE_CHECKING:  # this module stays torch-free: the configs import it, and `v
     from torch import nn
 
     from llmshrink.context import Context
+
+# Fields renamed for one vocabulary across passes: {old name: new name}.
+RENAMED_FIELDS = {"selection_tokens": "calibration_tokens"}
 
 # A record is every decision a pass made, as plain JSON data (dicts, lists, numbers, strings).
 PassRecord = dict[str, Any]
@@ -107,6 +112,21 @@ class PassConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data: Any) -> Any:
+        """Old recipes keep working: a renamed field's old name is read as the new one, with a warning."""
+        if not isinstance(data, dict):
+            return data
+        for old, new in RENAMED_FIELDS.items():
+            if old in data and new in cls.model_fields:
+                if new in data:
+                    raise PydanticCustomError("renamed", "{old} is the old name of {new}; set only {new}",
+                                              {"old": old, "new": new})
+                warnings.warn(f"{old} is deprecated, it is now called {new}", FutureWarning, stacklevel=2)
+                data = {(new if key == old else key): value for key, value in data.items()}
+        return data
 
 
 class TrainingConfig(PassConfig):

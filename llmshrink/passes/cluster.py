@@ -18,20 +18,15 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.clustered import ClusteredLinear, dense_weight
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.cluster import ClusterConfig
-from llmshrink.targeting import find_targets, replace_module, shared_weight_names
+from llmshrink.targeting import find_targets, replace_module, untie_targets
 
 
 def apply(model, cfg: ClusterConfig, ctx: Context) -> PassRecord:
     targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers)
     k = cfg.k
-    layers, untied = [], []
+    untied = untie_targets(model, targets, cfg.tied_embeddings, "cluster", "cluster it")
+    layers = []
     for name, module in tqdm(targets, desc="cluster", unit="layer", leave=False):
-        tied_to = shared_weight_names(model, name)
-        if tied_to and cfg.tied_embeddings == "refuse":
-            raise LlmshrinkError(
-                f"cluster.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
-                "exclude it, or set tied_embeddings: untie to cluster it alone (the other stays dense)"
-            )
         weight = dense_weight(module)
         if weight.numel() < k:
             raise LlmshrinkError(f"cluster: {name}: {k} clusters for a layer of only {weight.numel()} weights")
@@ -41,9 +36,6 @@ def apply(model, cfg: ClusterConfig, ctx: Context) -> PassRecord:
         with torch.no_grad():
             error = float((new.to_dense().float() - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
         replace_module(model, name, new)
-        if tied_to:
-            untied.append(name)
-            model.config.tie_word_embeddings = False
         layers.append(_layer_record(name, weight, new, cfg.init, found, error, time.perf_counter() - start))
         ctx.log(
             f"  {name}: {weight.shape[0]}x{weight.shape[1]} -> {k} shared values, {new.bits}-bit indices, "

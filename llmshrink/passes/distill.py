@@ -170,18 +170,9 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
         for p, flag in saved.items():
             p.requires_grad_(flag)
         model.eval()
-    ctx.log(
-        f"distill: loss {result.first_loss:.4f} -> {result.last_loss:.4f}, "
-        f"{result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_s:.0f} tokens/s)"
-    )
+    ctx.log(result.log_line("distill: loss"))
     record: PassRecord = {
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "seconds": round(result.seconds, 3),
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "first_loss": result.first_loss,
-        "last_loss": result.last_loss,
-        "final_parts": result.last_parts,
+        **result.summary(),
         "lr": cfg.lr,
         "alpha": cfg.alpha,
         "temperature": cfg.temperature,

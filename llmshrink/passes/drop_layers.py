@@ -8,8 +8,8 @@ The blocks to remove are named (`layers`), or chosen so that `keep` blocks remai
     select: first       keep the first `keep` blocks
 
 The kept blocks are renumbered 0..N-1 (each attention's `layer_idx`, its KV-cache slot) and the config's
-depth (and `layer_types`, when present) follows, so the result is a plain, shallower model of the same
-architecture: checkpoints reload with plain transformers, no remote code.
+depth (and its per-block lists, such as Gemma 3's `layer_types`) follows, so the result is a plain, shallower
+model of the same architecture: checkpoints reload with plain transformers, no remote code.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmshrink.blocks import count_params, find_blocks
+from llmshrink.blocks import count_params, find_blocks, per_block_lists
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.drop_layers import DropLayersConfig
+from llmshrink.targeting import hooked_eval, token_windows
 
 
 def apply(model: nn.Module, cfg: DropLayersConfig, ctx: Context) -> PassRecord:
@@ -44,7 +45,7 @@ def apply(model: nn.Module, cfg: DropLayersConfig, ctx: Context) -> PassRecord:
         if cfg.select == "first":
             removed = list(range(cfg.keep, count))
         else:
-            ids = ctx.train_token_ids()[: cfg.selection_tokens]
+            ids = ctx.train_token_ids()[: cfg.calibration_tokens]
             tokens = int(ids.numel())
             ctx.log(f"  measuring block influence on {tokens} calibration tokens")
             influence = block_influence(model, blocks, ids)
@@ -56,7 +57,7 @@ def apply(model: nn.Module, cfg: DropLayersConfig, ctx: Context) -> PassRecord:
         measured = {"scores": [round(s, 6) for s in influence], "calibration_tokens": tokens}  # i: block i
     params_before = count_params(model)
     removed_params = sum(count_params(blocks[i]) for i in removed)
-    drop_blocks(model, blocks, removed)
+    drop_blocks(model, list_name, blocks, removed)
     ctx.log(f"  {list_name}: removed blocks {removed}, {len(kept)}/{count} remain")
     return {
         "family": family,
@@ -105,8 +106,10 @@ def check_layers(layers: list[int], list_name: str, count: int) -> list[int]:
     return sorted(seen)
 
 
-def drop_blocks(model: nn.Module, blocks: nn.ModuleList, removed: list[int]) -> None:
+def drop_blocks(model: nn.Module, list_name: str, blocks: nn.ModuleList, removed: list[int]) -> None:
     """Delete blocks `removed` from the list in place, renumber the rest and shrink the config to match."""
+    # Read (and checked) before any block goes: a refusal leaves the model as it was.
+    lists = per_block_lists(model, list_name, len(blocks), "drop_layers")
     for index in sorted(removed, reverse=True):
         del blocks[index]  # ModuleList renames the later entries, so the state dict keys run 0..N-1
     for position, block in enumerate(blocks):
@@ -114,10 +117,9 @@ def drop_blocks(model: nn.Module, blocks: nn.ModuleList, removed: list[int]) -> 
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = position
     config = model.config
-    types = getattr(config, "layer_types", None)
-    if types:
-        gone = set(removed)
-        config.layer_types = [kind for i, kind in enumerate(types) if i not in gone]
+    gone = set(removed)
+    for attribute, entries in lists.items():  # e.g. Gemma 3 picks each block's mask by config.layer_types[i]
+        setattr(config, attribute, [entry for i, entry in enumerate(entries) if i not in gone])
     config.num_hidden_layers = len(blocks)  # GPT-2's attribute_map writes n_layer
 
 
@@ -128,9 +130,6 @@ def drop_blocks(model: nn.Module, blocks: nn.ModuleList, removed: list[int]) -> 
 def block_influence(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> list[float]:
     """ShortGPT's block influence of each block: 1 - mean over tokens of cos(hidden in, hidden out)."""
     ids = torch.as_tensor(ids).reshape(-1).long()
-    positions = getattr(model.config, "max_position_embeddings", None) or ids.numel()
-    window = max(1, min(256, ids.numel(), positions))
-    device = next(model.parameters()).device
     sums = torch.zeros(len(blocks), dtype=torch.float64)
 
     def measure(index: int):
@@ -142,16 +141,9 @@ def block_influence(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) 
         return hook
 
     handles = [block.register_forward_hook(measure(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    was_training = model.training
-    model.eval()
     counted = 0
-    try:
-        for start in range(0, ids.numel(), window):
-            chunk = ids[start : start + window].to(device)
+    with hooked_eval(model, handles):
+        for chunk in token_windows(model, ids):
             model(input_ids=chunk[None], use_cache=False)
             counted += chunk.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     return (1.0 - sums / max(counted, 1)).tolist()

@@ -62,8 +62,9 @@ def apply(model, cfg: IterateConfig, ctx: Context) -> PassRecord:
                 run["stages"].append({"pass": stage.name, "record": record,
                                       "seconds": round(time.perf_counter() - start, 3)})
             if ctx.evaluate is not None:
-                run["perplexity"] = ctx.evaluate(model)
-                ctx.log(f"iterate: perplexity after group {g + 1}/{len(groups)}: {run['perplexity']:.2f}")
+                run[ctx.evaluate_name] = ctx.evaluate(model)
+                ctx.log(f"iterate: {ctx.evaluate_name} after group {g + 1}/{len(groups)}: "
+                        f"{run[ctx.evaluate_name]:.4g}")
             runs.append(run)
     finally:
         ctx.work_dir = work_dir

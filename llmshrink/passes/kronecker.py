@@ -19,7 +19,7 @@ from llmshrink.modules.kronecker import KroneckerLinear, dense_weight
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.kronecker import KroneckerConfig
 from llmshrink.sensitivity import group_by_layer, layer_sensitivity, least_sensitive
-from llmshrink.targeting import find_targets, layer_index, replace_module, shared_weight_names
+from llmshrink.targeting import find_targets, layer_index, replace_module, untie_targets
 
 
 def apply(model, cfg: KroneckerConfig, ctx: Context) -> PassRecord:
@@ -28,14 +28,9 @@ def apply(model, cfg: KroneckerConfig, ctx: Context) -> PassRecord:
     selection = None
     if cfg.select_layers is not None:
         targets, selection = _select_layers(model, targets, shapes, cfg, ctx)
-    layers, untied = [], []
+    untied = untie_targets(model, targets, cfg.tied_embeddings, "kronecker", "compress it")
+    layers = []
     for name, module in tqdm(targets, desc="kronecker", unit="layer", leave=False):
-        tied_to = shared_weight_names(model, name)
-        if tied_to and cfg.tied_embeddings == "refuse":
-            raise LlmshrinkError(
-                f"kronecker.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
-                "exclude it, or set tied_embeddings: untie to compress it alone (the other stays dense)"
-            )
         start = time.perf_counter()
         weight = dense_weight(module)
         out_features, in_features = weight.shape
@@ -54,9 +49,6 @@ def apply(model, cfg: KroneckerConfig, ctx: Context) -> PassRecord:
             with torch.no_grad():
                 error = float((new.to_dense() - weight).norm() / weight.norm())
         replace_module(model, name, new)
-        if tied_to:
-            untied.append(name)
-            model.config.tie_word_embeddings = False
         dense_params = weight.numel()
         layers.append(
             {
@@ -82,7 +74,7 @@ def apply(model, cfg: KroneckerConfig, ctx: Context) -> PassRecord:
         "selection": selection,
         "layers": layers,
         "untied": untied,
-        "params_replaced": sum(layer["params_before"] for layer in layers),
+        "params_before": sum(layer["params_before"] for layer in layers),
         "params_after": sum(layer["params_after"] for layer in layers),
     }
 
@@ -94,7 +86,7 @@ def _select_layers(model, targets, shapes, cfg: KroneckerConfig, ctx: Context):
         raise LlmshrinkError(
             f"kronecker.select_layers: {cfg.select_layers} blocks asked for, the targets span {len(groups)}"
         )
-    ids = ctx.train_token_ids()[: cfg.selection_tokens]
+    ids = ctx.train_token_ids()[: cfg.calibration_tokens]
     window = min(256, len(ids))
 
     def compress(name, module):

@@ -79,6 +79,7 @@ def apply(model: nn.Module, cfg: LocalDistillConfig, ctx: Context) -> PassRecord
         (name, m) for name, m in model.named_modules()
         # Layers that hold weights; e.g. a shared-block reference owns none and has no dense original.
         if isinstance(m, kinds) and next(m.parameters(), None) is not None and re.fullmatch(cfg.targets, name)
+        and not (cfg.exclude and re.fullmatch(cfg.exclude, name))
         and (cfg.layers is None or layer_index(name) in cfg.layers)
     ]
     if not chosen:
@@ -115,19 +116,10 @@ def apply(model: nn.Module, cfg: LocalDistillConfig, ctx: Context) -> PassRecord
         for p, flag in saved.items():
             p.requires_grad_(flag)
         model.eval()
-    ctx.log(
-        f"local_distill: normalised error {result.first_loss:.4f} -> {result.last_loss:.4f}, "
-        f"{result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens_per_s:.0f} tokens/s)"
-    )
+    ctx.log(result.log_line("local_distill: normalised error"))
     return {
         "layers": names,
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "seconds": round(result.seconds, 3),
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "first_loss": result.first_loss,
-        "last_loss": result.last_loss,
-        "final_parts": result.last_parts,
+        **result.summary(),
         "trained_params": trainable,
         "lr": cfg.lr,
         "curve": training_curve(result),

@@ -46,7 +46,7 @@ from llmshrink.modules.kronecker import KroneckerLinear
 from llmshrink.modules.low_rank import LowRankLinear
 from llmshrink.passes.base import Extra, PassRecord
 from llmshrink.passes.configs.lora import _ALLOWED, LoraPassConfig
-from llmshrink.targeting import is_bnb_layer, is_dense_layer, replace_module, shared_weight_names
+from llmshrink.targeting import is_bnb_layer, is_dense_layer, layer_index, replace_module, shared_weight_names
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model
 ADAPTER_DIR = "adapter"  # unmerged adapters, in peft's format, inside the output folder
@@ -228,6 +228,8 @@ def _find_targets(model: nn.Module, cfg: LoraPassConfig) -> list[tuple[str, nn.M
             continue
         if cfg.exclude and re.fullmatch(cfg.exclude, name):
             continue
+        if cfg.layers is not None and layer_index(name) not in cfg.layers:
+            continue
         if not (is_dense_layer(module) or is_bnb_layer(module) or type(module) in CUSTOM_LAYERS):
             raise LlmshrinkError(
                 f"lora.targets: {name} is a {type(module).__name__}; LoRA attaches only to {_ALLOWED} layers: "
@@ -237,7 +239,8 @@ def _find_targets(model: nn.Module, cfg: LoraPassConfig) -> list[tuple[str, nn.M
     if not chosen:
         examples = [n for n, m in model.named_modules() if _is_layer(m)][:4]
         raise LlmshrinkError(
-            f"lora.targets: {pattern!r} matches no layer LoRA can attach to ({_ALLOWED}); "
+            f"lora.targets: {pattern!r} matches no layer LoRA can attach to ({_ALLOWED})"
+            + (f" in layers {cfg.layers}" if cfg.layers is not None else "") + "; "
             f"layer names look like {', '.join(examples)}"
         )
     return chosen

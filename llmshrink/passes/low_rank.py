@@ -19,7 +19,7 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.low_rank import LowRankLinear, dense_weight
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.low_rank import LowRankConfig
-from llmshrink.targeting import find_targets, replace_module, shared_weight_names
+from llmshrink.targeting import check_tied, find_targets, replace_module, untie
 
 CALIBRATION_WINDOW = 256  # tokens per calibration forward
 CALIBRATION_BATCH = 8  # windows per forward
@@ -27,7 +27,8 @@ CALIBRATION_BATCH = 8  # windows per forward
 
 def apply(model, cfg: LowRankConfig, ctx: Context) -> PassRecord:
     targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers, field="low_rank.targets")
-    tied = _check_targets(model, targets, cfg)  # before any work: a bad config fails fast
+    tied = check_tied(model, targets, cfg.tied_embeddings, "low_rank", "compress it")
+    _check_ranks(targets, cfg)  # before any work: a bad config fails fast
     grams, calibration_tokens = None, None
     if cfg.activation_aware:
         ids = ctx.train_token_ids()[: cfg.calibration_tokens]
@@ -71,10 +72,10 @@ def apply(model, cfg: LowRankConfig, ctx: Context) -> PassRecord:
             entry["damping"] = float(f"{damping:.3g}")
         entry["seconds"] = round(time.perf_counter() - start, 3)
         layers.append(entry)
-        replace_module(model, name, new)
-        if name in tied:
+        if name in tied:  # only a layer that is replaced: one kept dense stays tied
+            untie(model, name)
             untied.append(name)
-            model.config.tie_word_embeddings = False
+        replace_module(model, name, new)
         ctx.log(
             f"  {name}: {out_features}x{in_features} -> rank {rank}, rel. weight error {entry['rel_error']:.4f}"
             + (f", output error {entry['rel_output_error']:.4f} (plain SVD: {entry['rel_output_error_plain']:.4f})"
@@ -88,7 +89,7 @@ def apply(model, cfg: LowRankConfig, ctx: Context) -> PassRecord:
         "layers": layers,
         "skipped": skipped,
         "untied": untied,
-        "params_replaced": sum(layer["params_before"] for layer in layers),
+        "params_before": sum(layer["params_before"] for layer in layers),
         "params_after": sum(layer["params_after"] for layer in layers),
     }
 
@@ -152,25 +153,15 @@ def input_grams(model: nn.Module, modules: list[nn.Module], token_ids: torch.Ten
     return grams
 
 
-def _check_targets(model: nn.Module, targets, cfg: LowRankConfig) -> set[str]:
-    """Refuse tied targets (unless untie) and ranks that no target can hold; return the tied names."""
-    tied = set()
+def _check_ranks(targets, cfg: LowRankConfig) -> None:
+    """Refuse a rank that a target cannot hold."""
     for name, module in targets:
-        tied_to = shared_weight_names(model, name)
-        if tied_to and cfg.tied_embeddings == "refuse":
-            raise LlmshrinkError(
-                f"low_rank.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
-                "exclude it, or set tied_embeddings: untie to compress it alone (the other stays dense)"
-            )
-        if tied_to:
-            tied.add(name)
         out_features, in_features = dense_weight(module).shape
         if cfg.rank is not None and cfg.rank > min(out_features, in_features):
             raise LlmshrinkError(
                 f"low_rank: {name}: rank {cfg.rank} exceeds min({out_features}, {in_features}) = "
                 f"{min(out_features, in_features)}"
             )
-    return tied
 
 
 def _factorise(matrix: torch.Tensor, cfg: LowRankConfig, name: str, seed: int, rank: int | None = None):

@@ -2,11 +2,12 @@
 
 Neuron j of a feed-forward block is row j of its input projection(s) and column j of its output
 projection; the activation between them acts on each neuron alone, so dropping the row(s) and the
-column removes exactly that neuron's contribution:
+column removes exactly that neuron's contribution. Where those projections are is the model's Family
+(llmshrink/families.py: `mlp`, `mlp_inputs`, `mlp_output`), e.g.:
 
-    Llama / SwiGLU   mlp.gate_proj, mlp.up_proj rows    mlp.down_proj columns
-    GPT-2            mlp.c_fc (Conv1D) output columns    mlp.c_proj (Conv1D) input rows
-    BERT             intermediate.dense rows             output.dense columns
+    Llama / Gemma / SwiGLU   mlp.gate_proj, mlp.up_proj rows    mlp.down_proj columns
+    GPT-2                    mlp.c_fc (Conv1D) output columns    mlp.c_proj (Conv1D) input rows
+    BERT                     intermediate.dense rows             output.dense columns
 
 Pruned layers become PrunedLinear (a plain nn.Linear of the smaller shape), which checkpoints rebuild
 before loading, so each block may keep a different number of neurons.
@@ -22,31 +23,29 @@ from torch import nn
 
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
+from llmshrink.families import family_of, iter_blocks, join
 from llmshrink.importance import importance_scores
 from llmshrink.modules.pruned import PrunedLinear
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.prune_ffn import PruneFfnConfig
-from llmshrink.targeting import dense_weight, is_dense_layer, layer_index, replace_module
-
-SUPPORTED = (
-    "Llama-family (mlp.gate_proj/up_proj/down_proj), GPT-2 (mlp.c_fc/c_proj), "
-    "BERT-family (intermediate.dense/output.dense)"
-)
+from llmshrink.prune_units import check_dense, choose_blocks
+from llmshrink.targeting import dense_weight, hooked_eval, replace_module, token_windows
 
 
 @dataclass(frozen=True)
 class FfnBlock:
     name: str  # e.g. model.layers.3.mlp, or bert.encoder.layer.3 for BERT
-    family: str  # llama | gpt2 | bert
+    family: str  # the Family's name: llama | gemma | gpt2 | bert
     inputs: tuple[str, ...]  # layers whose output rows are the neurons
     output: str  # the layer whose input columns are the neurons
 
 
 def apply(model, cfg: PruneFfnConfig, ctx: Context) -> PassRecord:
-    blocks = find_ffn_blocks(model, cfg.layers)
+    blocks = find_ffn_blocks(model, cfg.layers, cfg.targets, cfg.exclude)
     sizes = {block.name: neuron_count(model, block) for block in blocks}
     scores, tokens = importance_scores(
-        "prune_ffn", cfg.importance, blocks[0].family == "bert", ctx, cfg.calibration_tokens,
+        # Taylor needs a next-token loss, which an encoder family has not.
+        "prune_ffn", cfg.importance, not family_of(model, "prune_ffn").causal, ctx, cfg.calibration_tokens,
         magnitude=lambda: magnitude_scores(model, blocks),
         calibration=lambda ids, taylor: calibration_scores(model, blocks, ids, taylor=taylor),
         alternatives="'activation' or 'magnitude'", model_name=type(model).__name__,
@@ -88,37 +87,19 @@ def apply(model, cfg: PruneFfnConfig, ctx: Context) -> PassRecord:
 # --- structure -------------------------------------------------------------------------------------
 
 
-def find_ffn_blocks(model: nn.Module, layers: list[int] | None = None) -> list[FfnBlock]:
-    """Every FFN block of a supported family, in model order (only blocks `layers` when given)."""
-    blocks = []
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
-            block = FfnBlock(name, "llama", (f"{prefix}gate_proj", f"{prefix}up_proj"), f"{prefix}down_proj")
-        elif hasattr(module, "c_fc") and hasattr(module, "c_proj"):
-            block = FfnBlock(name, "gpt2", (f"{prefix}c_fc",), f"{prefix}c_proj")
-        elif hasattr(getattr(module, "intermediate", None), "dense") and hasattr(getattr(module, "output", None), "dense"):
-            block = FfnBlock(name, "bert", (f"{prefix}intermediate.dense",), f"{prefix}output.dense")
-        else:
-            continue
-        blocks.append(block)
-    if not blocks:
-        raise LlmshrinkError(f"prune_ffn: {type(model).__name__} is not supported; supported: {SUPPORTED}")
-    if layers is not None:
-        present = [layer_index(block.name) for block in blocks]
-        blocks = [block for block in blocks if layer_index(block.name) in layers]
-        if not blocks:
-            raise LlmshrinkError(
-                f"prune_ffn.layers: {layers} match no FFN block; {type(model).__name__} has blocks {present}"
-            )
+def find_ffn_blocks(
+    model: nn.Module, layers: list[int] | None = None, targets: str = ".*", exclude: str | None = None
+) -> list[FfnBlock]:
+    """The FFN blocks of the model's family that targets / exclude / layers choose, in model order."""
+    family = family_of(model, "prune_ffn")
+    found = [(index, join(block, family.mlp)) for index, block in iter_blocks(model, family, "prune_ffn")]
+    chosen = choose_blocks(found, targets, exclude, layers, "prune_ffn", "FFN block", type(model).__name__)
+    blocks = [
+        FfnBlock(name, family.name, tuple(join(name, i) for i in family.mlp_inputs), join(name, family.mlp_output))
+        for _, name in chosen
+    ]
     for block in blocks:
-        for name in (*block.inputs, block.output):
-            module = model.get_submodule(name)
-            if not is_dense_layer(module):
-                raise LlmshrinkError(
-                    f"prune_ffn: {name} is a {type(module).__name__}, not Linear/Conv1D; "
-                    "run prune_ffn before passes that replace it"
-                )
+        check_dense(model, (*block.inputs, block.output), "prune_ffn", "an FFN projection")
     return blocks
 
 
@@ -165,9 +146,6 @@ def calibration_scores(
 ) -> dict[str, torch.Tensor]:
     """Mean |a| (activation) or Σ|a·∂L/∂a| (taylor) per neuron, a being the output projection's input."""
     ids = torch.as_tensor(ids).reshape(-1).long()
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or ids.numel()
-    window = max(1, min(256, ids.numel(), positions))
-    device = next(model.parameters()).device
     sums = {block.name: torch.zeros(neuron_count(model, block), dtype=torch.float64) for block in blocks}
     acts: dict[str, torch.Tensor] = {}
 
@@ -183,12 +161,9 @@ def calibration_scores(
         return hook
 
     handles = [model.get_submodule(b.output).register_forward_pre_hook(capture(b.name)) for b in blocks]
-    was_training = model.training
-    model.eval()
     counted = 0
-    try:
-        for start in range(0, ids.numel(), window):
-            chunk = ids[start : start + window].to(device)
+    with hooked_eval(model, handles):
+        for chunk in token_windows(model, ids):
             if taylor and chunk.numel() < 2:
                 continue  # nothing to predict
             with torch.set_grad_enabled(taylor):
@@ -211,10 +186,6 @@ def calibration_scores(
                         sums[block.name] += _token_sum(acts[block.name].abs())
             counted += chunk.numel()
             acts.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     return sums if taylor else {name: total / max(counted, 1) for name, total in sums.items()}
 
 

@@ -26,7 +26,7 @@ from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.distill import DistillConfig
 from llmshrink.passes.configs.prune_magnitude import PruneMagnitudeConfig, RoundDistillConfig
 from llmshrink.registry import get_pass
-from llmshrink.targeting import find_targets, replace_module, shared_weight_names
+from llmshrink.targeting import check_tied, find_targets, replace_module, untie
 
 
 def cubic_schedule(initial: float, final: float, rounds: int) -> list[float]:
@@ -51,7 +51,7 @@ def smallest(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, float | No
 
 def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
     targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers)
-    untied = _check_tied(model, targets, cfg)
+    untied = check_tied(model, targets, cfg.tied_embeddings, "prune_magnitude", "prune it")
     if cfg.schedule == "gradual" and not (hasattr(model, "can_generate") and model.can_generate()):
         raise LlmshrinkError(
             f"prune_magnitude.schedule: gradual distils between rounds and {type(model).__name__} is not a "
@@ -64,14 +64,14 @@ def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
         schedule = [cfg.sparsity]
     else:
         schedule = cubic_schedule(cfg.initial_sparsity, cfg.sparsity, cfg.prune_steps)
+    for name in untied:
+        untie(model, name)
     rounds, thresholds = [], {}
     work_dir = ctx.work_dir
     try:
         for t, target in enumerate(schedule, 1):
             start = time.perf_counter()
             thresholds = _prune(model, names, target, cfg.scope)
-            if untied:
-                model.config.tie_word_embeddings = False
             sparse = [model.get_submodule(name) for name in names]
             kept = sum(layer.nnz for layer in sparse)
             total = sum(layer.in_features * layer.out_features for layer in sparse)
@@ -90,7 +90,7 @@ def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
                     model, DistillConfig(**settings, steps=cfg.steps_per_round), ctx
                 )
                 if ctx.evaluate is not None and t < len(schedule):  # the engine measures after the last
-                    step["perplexity"] = ctx.evaluate(model)
+                    step[ctx.evaluate_name] = ctx.evaluate(model)
                     ctx.log(f"prune_magnitude: perplexity after round {t}: {step['perplexity']:.2f}")
             rounds.append(step)
     finally:
@@ -117,21 +117,6 @@ def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
         "bytes_after": bytes_after,
         "ratio": round(bytes_after / bytes_before, 6),
     }
-
-
-def _check_tied(model, targets, cfg: PruneMagnitudeConfig) -> list[str]:
-    """Refuse (before changing anything) or list the targets whose weight is tied to another module."""
-    untied = []
-    for name, _ in targets:
-        tied_to = shared_weight_names(model, name)
-        if tied_to and cfg.tied_embeddings == "refuse":
-            raise LlmshrinkError(
-                f"prune_magnitude.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
-                "exclude it, or set tied_embeddings: untie to prune it alone (the other stays dense)"
-            )
-        if tied_to:
-            untied.append(name)
-    return untied
 
 
 @torch.no_grad()

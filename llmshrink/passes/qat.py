@@ -24,7 +24,7 @@ from llmshrink.targeting import find_targets, replace_module, shared_weight_name
 
 
 def apply(model: nn.Module, cfg: QatConfig, ctx: Context) -> PassRecord:
-    targets = [(name, m) for name, m in find_targets(model, cfg.targets, cfg.exclude, field="qat.targets")
+    targets = [(name, m) for name, m in find_targets(model, cfg.targets, cfg.exclude, cfg.layers, field="qat.targets")
                if not isinstance(m, FakeQuantLinear)]
     if not targets:
         raise LlmshrinkError(f"qat.targets: every layer matching {cfg.targets!r} is already fake-quantized")

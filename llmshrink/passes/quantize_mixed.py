@@ -35,7 +35,7 @@ from llmshrink.modules.int8_dynamic import Int8DynamicLinear, dense_weight
 from llmshrink.passes.base import PassRecord
 from llmshrink.quant_layers import checked_targets, swap_layers, tensor_bytes
 from llmshrink.sensitivity import layer_sensitivity
-from llmshrink.targeting import find_targets, shared_weight_names
+from llmshrink.targeting import check_tied, find_targets
 
 if TYPE_CHECKING:
     from llmshrink.passes.configs.quantize import QuantizeConfig
@@ -192,15 +192,8 @@ def _sizes(targets: list[tuple[str, nn.Module]], builders: dict[str, Builder]) -
 
 def _refuse_tied(model: nn.Module, cfg: QuantizeConfig) -> None:
     # Before checked_targets, whose message would name one precision: here the format is not chosen yet.
-    if cfg.tied_embeddings == "untie":
-        return
-    for name, _ in find_targets(model, cfg.targets, cfg.exclude, field="quantize.targets"):
-        tied_to = shared_weight_names(model, name)
-        if tied_to:
-            raise LlmshrinkError(
-                f"quantize.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
-                "exclude it, or set tied_embeddings: untie to let it take a quantized format alone"
-            )
+    targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers, field="quantize.targets")
+    check_tied(model, targets, cfg.tied_embeddings, "quantize", "let it take a quantized format", note=None)
 
 
 def _check_bnb_runs(spec: bnb.BnbSpec, device: torch.device) -> None:

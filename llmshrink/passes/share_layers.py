@@ -13,7 +13,8 @@ parameters, shrink. `share_map[i]` names the block position i runs:
 The positions that run one block form a group; its first position holds the block, the others a
 SharedBlockRef to it (llmshrink/modules/shared_block.py), so each shared tensor exists, trains and is
 saved once. The block is the named original (init: first) or the mean of the original blocks at the
-group's positions (init: average).
+group's positions (init: average). A group's positions, and the block it runs, must agree on the config's
+per-block entries (the family's per_block_config: Gemma 3's sliding or full `layer_types`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmshrink.blocks import count_params, find_blocks
+from llmshrink.blocks import count_params, find_blocks, per_block_lists
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.shared_block import SharedBlockRef
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.share_layers import ShareLayersConfig
+from llmshrink.targeting import hooked_eval, token_windows
 
 
 def apply(model: nn.Module, cfg: ShareLayersConfig, ctx: Context) -> PassRecord:
@@ -48,13 +50,13 @@ def apply(model: nn.Module, cfg: ShareLayersConfig, ctx: Context) -> PassRecord:
         if cfg.select == "weights":
             similarity = weight_similarity(blocks, list_name)
         else:
-            ids = ctx.train_token_ids()[: cfg.selection_tokens]
+            ids = ctx.train_token_ids()[: cfg.calibration_tokens]
             tokens = int(ids.numel())
             ctx.log(f"  comparing adjacent blocks' outputs on {tokens} calibration tokens")
             similarity = output_similarity(model, blocks, ids)
         share_map = merge_most_similar(similarity, cfg.unique_blocks)
     groups = groups_of(share_map)
-    check_layer_types(model, groups)
+    check_layer_types(model, list_name, count, groups, cfg.init)
     share_blocks(model, list_name, blocks, share_map, cfg.init)
     for source, positions in groups.items():
         if len(positions) > 1:
@@ -107,18 +109,26 @@ def groups_of(share_map: list[int]) -> dict[int, list[int]]:
     return groups
 
 
-def check_layer_types(model: nn.Module, groups: dict[int, list[int]]) -> None:
-    """Refuse to share across positions the config gives different attention types (e.g. sliding windows)."""
-    types = getattr(getattr(model, "config", None), "layer_types", None)
-    if not types:
-        return
-    for positions in groups.values():
-        kinds = {types[p] for p in positions}
-        if len(kinds) > 1:
-            raise LlmshrinkError(
-                f"share_layers: positions {positions} have different layer types "
-                f"({', '.join(sorted(kinds))}) and cannot share one block"
-            )
+def check_layer_types(
+    model: nn.Module, list_name: str, count: int, groups: dict[int, list[int]], init: str
+) -> None:
+    """Refuse sharing where per-block config entries differ (e.g. sliding and full attention): a block's attention
+    is built for its own entry, while the model hands each position the mask (and RoPE) of that position's."""
+    for attribute, entries in per_block_lists(model, list_name, count, "share_layers").items():
+        what = "layer types" if attribute == "layer_types" else f"config.{attribute} entries"
+        for source, positions in groups.items():
+            kinds = {str(entries[p]) for p in positions}
+            if len(kinds) > 1:
+                raise LlmshrinkError(
+                    f"share_layers: positions {positions} have different {what} "
+                    f"({', '.join(sorted(kinds))}) and cannot share one block"
+                )
+            averaged = init == "average" and len(positions) > 1  # built on the owner's block, not the source's
+            if not averaged and str(entries[source]) not in kinds:
+                raise LlmshrinkError(
+                    f"share_layers: block {source} ({entries[source]}) cannot run at positions {positions} "
+                    f"({kinds.pop()}): different {what}"
+                )
 
 
 @torch.no_grad()
@@ -187,9 +197,6 @@ def output_similarity(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
     """For each i: mean over tokens of the cosine between what blocks i and i+1 add to the residual stream,
     both run on block i+1's input (can block i stand in for block i+1 where it would run a second time?)."""
     ids = torch.as_tensor(ids).reshape(-1).long()
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None) or ids.numel()
-    window = max(1, min(256, ids.numel(), positions))
-    device = next(model.parameters()).device
     calls: dict[int, tuple] = {}
 
     def record(index: int):
@@ -200,11 +207,8 @@ def output_similarity(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
 
     handles = [block.register_forward_hook(record(i), with_kwargs=True) for i, block in enumerate(blocks)]
     sums, counted = torch.zeros(len(blocks) - 1, dtype=torch.float64), 0
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, ids.numel(), window):
-            chunk = ids[start : start + window].to(device)
+    with hooked_eval(model, handles):
+        for chunk in token_windows(model, ids):
             calls.clear()
             # No cache: a block run again below must not append to the cache slot of its first run.
             model(input_ids=chunk[None], use_cache=False)
@@ -216,10 +220,6 @@ def output_similarity(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
                 own, alt = (_first(x).double() - hidden.double() for x in (output, other))
                 sums[i] += torch.nn.functional.cosine_similarity(own, alt, dim=-1).sum().item()
             counted += chunk.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     return (sums / max(counted, 1)).tolist()
 
 

@@ -13,7 +13,7 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.tensorized import TensorizedLinear
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.tensorize import DEFAULT_RATIO, TensorizeConfig
-from llmshrink.targeting import dense_weight, find_targets, replace_module, shared_weight_names
+from llmshrink.targeting import dense_weight, find_targets, replace_module, untie_targets
 
 
 def apply(model, cfg: TensorizeConfig, ctx: Context) -> PassRecord:
@@ -21,14 +21,8 @@ def apply(model, cfg: TensorizeConfig, ctx: Context) -> PassRecord:
     ratio = DEFAULT_RATIO if cfg.rank is None and cfg.ratio is None else cfg.ratio
     # Check every target before decomposing any, so a bad shape or rank fails fast.
     plans = {name: _plan(name, dense_weight(module), cfg, ratio) for name, module in targets}
-    tied = {name: shared_weight_names(model, name) for name, _ in targets}
-    for name, tied_to in tied.items():
-        if tied_to and cfg.tied_embeddings == "refuse":
-            raise LlmshrinkError(
-                f"tensorize.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
-                "exclude it, or set tied_embeddings: untie to compress it alone (the other stays dense)"
-            )
-    layers, untied = [], []
+    untied = untie_targets(model, targets, cfg.tied_embeddings, "tensorize", "compress it")
+    layers = []
     for name, module in tqdm(targets, desc="tensorize", unit="layer", leave=False):
         start = time.perf_counter()
         weight = dense_weight(module)
@@ -42,9 +36,6 @@ def apply(model, cfg: TensorizeConfig, ctx: Context) -> PassRecord:
         with torch.no_grad():
             error = float((new.to_dense().float() - weight.float()).norm() / weight.float().norm())
         replace_module(model, name, new)
-        if tied[name]:
-            untied.append(name)
-            model.config.tie_word_embeddings = False
         layers.append(
             {
                 "name": name,
@@ -68,7 +59,7 @@ def apply(model, cfg: TensorizeConfig, ctx: Context) -> PassRecord:
         "randomized": cfg.randomized,
         "layers": layers,
         "untied": untied,
-        "params_replaced": sum(layer["params_before"] for layer in layers),
+        "params_before": sum(layer["params_before"] for layer in layers),
         "params_after": sum(layer["params_after"] for layer in layers),
     }
 

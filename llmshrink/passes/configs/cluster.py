@@ -7,18 +7,16 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from llmshrink.fields import Regex
+from llmshrink.fields import BLOCK_LAYERS, BlockIndices, BlockLayers, Exclude
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import register_pass
 
 
 @register_pass("cluster")
 class ClusterConfig(PassConfig):
-    targets: Regex = Field(
-        r".*\.\d+\..*", description="regex over full module names (Linear or Conv1D); default: every block layer"
-    )
-    exclude: Regex | None = Field(None, description="regex of module names to leave dense")
-    layers: list[int] | None = Field(None, description="only these block indices")
+    targets: BlockLayers = BLOCK_LAYERS
+    exclude: Exclude = None
+    layers: BlockIndices = None
     clusters: int | None = Field(None, ge=2, le=256, description="shared values per layer (give this or bits)")
     bits: int | None = Field(None, ge=1, le=8, description="bits per index: clusters = 2**bits (or clusters)")
     init: Literal["forgy", "density", "linear"] = Field(

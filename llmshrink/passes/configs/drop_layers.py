@@ -19,7 +19,7 @@ class DropLayersConfig(PassConfig):
         description="keep: remove the blocks of least influence (1 - cos(input, output) on "
         "calibration tokens), or keep the first `keep` blocks",
     )
-    selection_tokens: int = Field(
+    calibration_tokens: int = Field(
         2048, ge=16, description="calibration tokens (from data:) for select: influence"
     )
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt
 
-from llmshrink.fields import AsTuple, Regex
+from llmshrink.fields import AsTuple, BlockIndices, Exclude, Regex
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import register_pass
 
@@ -14,12 +14,14 @@ from llmshrink.registry import register_pass
 @register_pass("kronecker")
 class KroneckerConfig(PassConfig):
     targets: Regex = Field(r".*\.mlp\..*", description="regex over full module names (Linear or Conv1D)")
-    exclude: Regex | None = Field(None, description="regex of module names to leave dense")
-    layers: list[int] | None = Field(None, description="only these block indices")
+    exclude: Exclude = None
+    layers: BlockIndices = None
     select_layers: int | None = Field(
         None, ge=1, description="compress only the N blocks whose compression hurts calibration perplexity least"
     )
-    selection_tokens: int = Field(2048, ge=16, description="calibration tokens (from data:) for select_layers")
+    calibration_tokens: int = Field(
+        2048, ge=16, description="calibration tokens (from data:) for select_layers (formerly selection_tokens)"
+    )
     a_shape: Annotated[tuple[PositiveInt, PositiveInt] | None, AsTuple] = Field(
         None, description="explicit (m1, n1) of factor A; B follows from the layer's shape"
     )

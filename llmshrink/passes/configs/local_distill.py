@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from llmshrink.fields import Regex
+from llmshrink.fields import BlockIndices, Exclude, Regex
 from llmshrink.passes.base import TrainingConfig
 from llmshrink.registry import register_pass
 
@@ -13,5 +13,6 @@ from llmshrink.registry import register_pass
 class LocalDistillConfig(TrainingConfig):
     lr: float = Field(1e-3, gt=0.0, description="higher than distill's: each layer fits a fixed target")
     warmup_steps: int = Field(5, ge=0, description="linear warmup, then cosine decay to zero")
-    targets: Regex = Field(".*", description="regex over the names of the compressed layers to fit")
-    layers: list[int] | None = Field(None, description="only compressed layers in these blocks")
+    targets: Regex = Field(".*", description="regex over the full names of the compressed layers to fit")
+    exclude: Exclude = None
+    layers: BlockIndices = None

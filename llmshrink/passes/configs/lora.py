@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from llmshrink.fields import Regex, check_regex
+from llmshrink.fields import BlockIndices, Regex, check_regex
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import register_pass
 
@@ -22,7 +22,10 @@ class LoraPassConfig(PassConfig):
         description="regex (or list of regexes) over full module names; default: every layer inside the blocks, "
         f"i.e. the attention and MLP projections (allowed layers: {_ALLOWED})",
     )
-    exclude: Regex | None = Field(None, description="regex of module names to leave without an adapter")
+    exclude: Regex | None = Field(
+        None, description="regex (full match) of module names to leave as they are (without an adapter)"
+    )
+    layers: BlockIndices = None
     merge: bool = Field(False, description="fold the adapters into the weights at the end of the recipe, "
                         "instead of saving them beside the model in peft's format")
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from llmshrink.fields import Regex
+from llmshrink.fields import BlockIndices, Exclude, Regex
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import register_pass
 
@@ -15,8 +15,8 @@ from llmshrink.registry import register_pass
 @register_pass("low_rank")
 class LowRankConfig(PassConfig):
     targets: Regex = Field(r".*\.\d+\..*", description="regex over full module names; default: every block layer")
-    exclude: Regex | None = Field(None, description="regex of module names to leave dense")
-    layers: list[int] | None = Field(None, description="only these block indices")
+    exclude: Exclude = None
+    layers: BlockIndices = None
     rank: int | None = Field(None, ge=1, description="the same rank for every target")
     energy: float | None = Field(
         None, gt=0.0, le=1.0,

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from llmshrink.fields import BlockIndices, Regex
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import register_pass
 
@@ -25,7 +26,10 @@ class PruneFfnConfig(PassConfig):
     )
     min_keep: int = Field(1, ge=1, description="neurons every block keeps at least")
     multiple_of: int = Field(1, ge=1, description="kept neurons per block are a multiple of this (e.g. 8)")
-    layers: list[int] | None = Field(None, description="only these block indices")
+    targets: Regex = Field(".*", description="regex (full match) of the FFN blocks to prune, e.g. model.layers.3.mlp "
+                           "(BERT: the block itself, bert.encoder.layer.3)")
+    exclude: Regex | None = Field(None, description="regex (full match) of FFN blocks to leave as they are")
+    layers: BlockIndices = None
     calibration_tokens: int = Field(2048, ge=16, description="tokens (from data:) for activation / taylor")
 
     @model_validator(mode="after")

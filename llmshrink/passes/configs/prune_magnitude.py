@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from llmshrink.fields import Regex
+from llmshrink.fields import BLOCK_LAYERS, BlockIndices, BlockLayers, Exclude
 from llmshrink.passes.base import PassConfig
 from llmshrink.passes.configs.distill import DistillConfig
 from llmshrink.registry import register_pass
@@ -30,11 +30,9 @@ class RoundDistillConfig(DistillConfig):
 
 @register_pass("prune_magnitude")
 class PruneMagnitudeConfig(PassConfig):
-    targets: Regex = Field(
-        r".*\.\d+\..*", description="regex over full module names (Linear or Conv1D); default: every block layer"
-    )
-    exclude: Regex | None = Field(None, description="regex of module names to leave dense")
-    layers: list[int] | None = Field(None, description="only these block indices")
+    targets: BlockLayers = BLOCK_LAYERS
+    exclude: Exclude = None
+    layers: BlockIndices = None
     sparsity: float = Field(..., ge=0.0, lt=1.0, description="fraction of the targets' weights to remove (final)")
     scope: Literal["per_layer", "global"] = Field(
         "per_layer", description="each target pruned to `sparsity`, or one magnitude ranking over all targets"

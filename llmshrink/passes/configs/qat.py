@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from llmshrink.fields import Regex
+from llmshrink.fields import BlockIndices, Exclude, Regex
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import register_pass
 
@@ -13,5 +13,6 @@ from llmshrink.registry import register_pass
 class QatConfig(PassConfig):
     targets: Regex = Field(r".*\.\d+\..*", description="regex over full Linear/Conv1D names (default: inside the "
                          "blocks, the layers quantize's int8-dynamic converts by default)")
-    exclude: Regex | None = Field(None, description="regex of layer names to leave as they are")
+    exclude: Exclude = None
+    layers: BlockIndices = None
     activations: bool = Field(False, description="also round each layer's input as the int8 kernel will")

@@ -30,8 +30,9 @@ class QuantizeConfig(PassConfig):
         description="int8-dynamic, bnb-*, mixed: regex over full Linear/Conv1D names (default: inside the blocks)",
     )
     exclude: Regex | None = Field(
-        None, description="int8-dynamic, bnb-*, mixed: regex of layer names to leave in float"
+        None, description="int8-dynamic, bnb-*, mixed: regex (full match) of module names to leave as they are"
     )
+    layers: list[int] | None = Field(None, description="int8-dynamic, bnb-*, mixed: only these block indices")
     tied_embeddings: Literal["refuse", "untie"] = Field(
         "refuse", description="int8-dynamic, bnb-*, mixed, a target tied to the embeddings (lm_head): refuse, or "
         "untie it so that it runs quantized while the embedding stays float (more bytes, faster decode)",

@@ -22,7 +22,7 @@ class ShareLayersConfig(PassConfig):
         "weights", description="select: cosine of adjacent blocks' flattened weights, or of their outputs "
         "(residual updates) on calibration tokens"
     )
-    selection_tokens: int = Field(
+    calibration_tokens: int = Field(
         2048, ge=16, description="calibration tokens (from data:) for select: outputs"
     )
     init: Literal["first", "average"] = Field(

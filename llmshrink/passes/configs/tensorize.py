@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from llmshrink.fields import AsTuple, Regex
+from llmshrink.fields import AsTuple, BlockIndices, Exclude, Regex
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import register_pass
 
@@ -18,8 +18,8 @@ RANK_ENTRIES = {"tucker": "one per mode", "cp": "one", "tt": "one per bond betwe
 @register_pass("tensorize")
 class TensorizeConfig(PassConfig):
     targets: Regex = Field(r".*\.mlp\..*", description="regex over full module names (Linear or Conv1D)")
-    exclude: Regex | None = Field(None, description="regex of module names to leave dense")
-    layers: list[int] | None = Field(None, description="only these block indices")
+    exclude: Exclude = None
+    layers: BlockIndices = None
     method: Literal["tucker", "cp", "tt"] = Field("tt", description="Tucker, CP (parafac) or tensor-train")
     shape: Annotated[tuple[list[int], list[int]] | dict[int, list[int]] | None, AsTuple] = Field(
         None,
