@@ -1,5 +1,6 @@
 """What the quantize pass's methods share (int8-dynamic, bnb-*, and mixed, which picks among them per layer):
-the targets they may convert, swapping a layer for its quantized form, and the bytes a checkpoint stores."""
+the targets they may convert, swapping a layer for its quantized form, and the bytes a checkpoint stores; and
+int8-dynamic's embedding tables (embeddings: true): finding, checking and swapping them."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from tqdm.auto import tqdm
 
 from llmshrink import bnb
 from llmshrink.errors import LlmshrinkError
+from llmshrink.modules.int8_embedding import Int8Embedding
 from llmshrink.targeting import (
     check_tied,
     dense_weight,
+    find_embeddings,
     find_targets,
     replace_module,
     shared_weight_names,
@@ -62,3 +65,47 @@ def tensor_bytes(module: nn.Module) -> int:
     """Bytes of what a checkpoint stores (parameters and saved buffers), each tensor once (tied weights once)."""
     seen = {id(t): t for t in module.state_dict(keep_vars=True).values()}
     return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def checked_embeddings(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Embedding]]:
+    """The float32 nn.Embedding tables int8-dynamic stores in int8 (embeddings: true); checks only, nothing
+    changes. A tied one (an lm_head or MLM decoder shares its weight) is refused unless tied_embeddings: untie."""
+    field = "quantize.embedding_targets"
+    targets = find_embeddings(model, cfg.embedding_targets, cfg.exclude, field)
+    for name, module in targets:
+        if module.weight.dtype != torch.float32:
+            raise LlmshrinkError(f"quantize.method: {cfg.method} needs float32 embeddings; {name} is "
+                                 f"{str(module.weight.dtype).removeprefix('torch.')}")
+        tied_to = shared_weight_names(model, name)
+        if tied_to and cfg.tied_embeddings == "refuse":  # the wording of targeting.check_tied
+            raise LlmshrinkError(
+                f"{field}: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); exclude it, or "
+                f"set tied_embeddings: untie to store it in int8 alone ({', '.join(tied_to)} keeps a float copy)"
+            )
+    return targets
+
+
+def swap_embeddings(model: nn.Module, targets: list[tuple[str, nn.Embedding]]) -> tuple[list[dict], list[str]]:
+    """Replace each embedding by an Int8Embedding; (a record per table, the tied ones that were untied).
+
+    An untied table's bytes_after include its float copy, which the head it was tied to now stores alone
+    (`float_copy_bytes`): the checkpoint holds both, so untying grows it (the head stays exact)."""
+    tables, untied = [], []
+    for name, module in targets:
+        copy_bytes = 0
+        if shared_weight_names(model, name):  # the embedding gets its own copy; the head keeps the tensor
+            copy_bytes = tensor_bytes(module)
+            untie(model, name)
+            untied.append(name)
+        weight = module.weight.detach()
+        new = Int8Embedding.from_embedding(module)
+        with torch.no_grad():
+            diff = new.to_dense() - weight.float()
+            error = float(diff.norm() / weight.float().norm().clamp(min=1e-30))
+            max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+        replace_module(model, name, new)
+        tables.append({"name": name, "shape": list(weight.shape), "rel_error": round(error, 6),
+                       "max_abs_error": max_abs, "bytes_before": tensor_bytes(module),
+                       "bytes_after": tensor_bytes(new) + copy_bytes}
+                      | ({"float_copy_bytes": copy_bytes} if copy_bytes else {}))
+    return tables, untied

@@ -95,6 +95,23 @@ def hooked_eval(model: nn.Module, handles: list) -> Iterator[None]:
         model.train(was_training)
 
 
+def find_embeddings(model: nn.Module, pattern: str, exclude: str | None, field: str) -> list[tuple[str, nn.Embedding]]:
+    """Plain nn.Embedding tables whose full name matches `pattern` (and not `exclude`), in model order. A subclass
+    (Gemma's scales its rows in its own forward) or a table with max_norm (renormalised on lookup) is refused: a
+    compressed table would not do what it does."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    chosen = [(name, m) for name, m in found
+              if re.fullmatch(pattern, name) and not (exclude and re.fullmatch(exclude, name))]
+    if not chosen:
+        raise LlmshrinkError(f"{field}: {pattern!r} matches no nn.Embedding; embeddings are named like "
+                             f"{', '.join(name for name, _ in found[:4]) or '(none in this model)'}")
+    for name, module in chosen:
+        if type(module) is not nn.Embedding or module.max_norm is not None:
+            what = "has max_norm" if type(module) is nn.Embedding else f"is a {type(module).__name__}"
+            raise LlmshrinkError(f"{field}: {name} {what}, not a plain nn.Embedding; exclude it")
+    return chosen
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

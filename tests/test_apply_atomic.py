@@ -7,6 +7,7 @@ import json
 import tempfile
 
 import pytest
+import torch
 
 import llmshrink.engine as engine
 from llmshrink.cli import main
@@ -82,3 +83,24 @@ def test_leftovers_of_a_killed_run_are_cleared_but_not_its_training_state(tmp_pa
     assert sorted(p.name for p in work.iterdir()) == ["stage-1-distill"]
     # Killed between moving the old output aside and renaming the new one in: the old one comes back.
     assert (out / "old.txt").exists() is not published
+
+
+def test_the_reload_check_compares_every_weight_bit_for_bit(tmp_path, tiny_model_dir, tiny_text, monkeypatch, capsys):
+    out = tmp_path / "out"
+    path = tmp_path / "tiny.yaml"
+    path.write_text(recipe_text(tiny_model_dir, tiny_text, out))
+    real_load = engine.load_checkpoint
+
+    def load_with_one_bit_off(directory, **kwargs):  # as a file that does not hold what was saved would
+        model = real_load(directory, **kwargs)
+        weight = model.get_submodule("transformer.h.1.attn.c_proj").weight
+        with torch.no_grad():
+            weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(float("inf")))
+        return model
+
+    monkeypatch.setattr(engine, "load_checkpoint", load_with_one_bit_off)
+    assert main(["apply", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"llmshrink: error: {out}: reloaded weights differ from the compressed model's: "
+                   "transformer.h.1.attn.c_proj.weight")
+    assert not out.exists()

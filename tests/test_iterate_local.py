@@ -149,3 +149,19 @@ def test_local_distill_errors(tiny_text):
     ctx.teacher = deep_llama(layers=1)
     with pytest.raises(LlmshrinkError, match=r"^local_distill: the teacher has no dense layer model\.layers\.1\.mlp"):
         local_distill.apply(model, cfg, ctx)
+
+
+def test_local_distill_leaves_compressed_embedding_tables_alone(tiny_text):
+    # A factorised table replaced a lookup, not a dense layer: local_distill fits the Linear layers only.
+    from llmshrink.passes.low_rank import LowRankConfig
+    from llmshrink.passes.low_rank import apply as low_rank_apply
+
+    model = deep_llama(layers=2)  # (untied)
+    ctx = make_ctx(model, tiny_text)
+    low_rank_apply(model, LowRankConfig(targets=r".*mlp\.up_proj", embeddings=True, rank=4), ctx)
+    table = type(model.get_submodule("model.embed_tokens")).__name__
+    before = {n: p.clone() for n, p in model.model.embed_tokens.named_parameters()}
+    record = local_distill.apply(model, local_distill.LocalDistillConfig(steps=2, batch_size=2, seq_len=16), ctx)
+    assert table == "LowRankEmbedding"
+    assert record["layers"] == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    assert all(torch.equal(p, before[n]) for n, p in model.model.embed_tokens.named_parameters())

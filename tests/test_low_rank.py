@@ -313,3 +313,14 @@ def test_calibration_shorter_than_one_window_still_counts_every_token():
     model(input_ids=ids[None])
     handle.remove()
     assert torch.allclose(gram, seen["x"].T @ seen["x"], rtol=1e-6, atol=1e-8)
+
+
+def test_embeddings_stay_dense_unless_asked():
+    # embeddings: false (the default) leaves every nn.Embedding alone and adds no "embeddings" key to the record;
+    # the factorised tables themselves: tests/test_low_rank_embedding.py.
+    model = tiny_bert(tie_word_embeddings=False)
+    record = apply(model, LowRankConfig(rank=8), ctx())
+    assert "embeddings" not in record and type(model.bert.embeddings.word_embeddings) is nn.Embedding
+    assert LowRankConfig(rank=8).embedding_targets == r".*word_embeddings|.*embed_tokens|.*wte"
+    record = apply(model, LowRankConfig(rank=8, targets=None, embeddings=True), ctx())  # targets: null
+    assert record["layers"] == [] and [e["name"] for e in record["embeddings"]] == ["bert.embeddings.word_embeddings"]

@@ -121,3 +121,29 @@ def test_tied_head_and_mixed_dtypes_are_refused():
     apply(tiny_llama(), QuantizeConfig(method="int8-dynamic"), quiet_ctx())
     with pytest.raises(LlmshrinkError, match=r"^quantize.targets: 'nothing' matches no Linear/Conv1D layer"):
         apply(tiny_llama(), QuantizeConfig(method="int8-dynamic", targets="nothing"), quiet_ctx())
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"method": "int8-dynamic", "embeddings": True, "embedding_targets": "(["},
+         ".embedding_targets: not a valid regex (unterminated character set at position 1), got '(['"),
+        ({"method": "fp16", "embeddings": True}, ".embeddings: only for method int8-dynamic, not 'fp16', got True"),
+        ({"method": "mixed", "budget": 0.5, "embeddings": True},
+         ".embeddings: only for method int8-dynamic, not 'mixed', got True"),
+        ({"method": "bnb-nf4", "embedding_targets": ".*"},
+         ".embedding_targets: only for method int8-dynamic, not 'bnb-nf4', got '.*'"),
+        ({"method": "int8-dynamic", "embeddings": "maybe"}, ".embeddings: input should be a valid boolean, got 'maybe'"),
+    ],
+)
+def test_embedding_settings_are_checked_when_the_recipe_is_read(body, message):
+    assert stage_error("quantize", body) == message
+
+
+def test_embeddings_are_off_by_default_and_the_tables_stay_float():
+    cfg = QuantizeConfig(method="int8-dynamic")
+    assert cfg.embeddings is False and cfg.embedding_targets == r".*embeddings.*|.*embed_tokens"
+    model = tiny_bert()
+    record = apply(model, cfg, quiet_ctx())
+    assert "embeddings" not in record and isinstance(model.bert.embeddings.word_embeddings, nn.Embedding)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight

@@ -77,8 +77,10 @@ def apply(model: nn.Module, cfg: LocalDistillConfig, ctx: Context) -> PassRecord
     kinds = tuple(COMPRESSED_MODULES.values())
     chosen = [
         (name, m) for name, m in model.named_modules()
-        # Layers that hold weights; e.g. a shared-block reference owns none and has no dense original.
-        if isinstance(m, kinds) and next(m.parameters(), None) is not None and re.fullmatch(cfg.targets, name)
+        # Layers that hold weights and replaced a dense layer: a shared-block reference owns none, and a compressed
+        # embedding table (no in_features) replaced a lookup, which this pass does not fit.
+        if isinstance(m, kinds) and next(m.parameters(), None) is not None and hasattr(m, "in_features")
+        and re.fullmatch(cfg.targets, name)
         and not (cfg.exclude and re.fullmatch(cfg.exclude, name))
         and (cfg.layers is None or layer_index(name) in cfg.layers)
     ]

@@ -17,20 +17,25 @@ from tqdm.auto import tqdm
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.low_rank import LowRankLinear, dense_weight
+from llmshrink.modules.low_rank_embedding import LowRankEmbedding, padding_row_zero
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.low_rank import LowRankConfig
-from llmshrink.targeting import check_tied, find_targets, replace_module, untie
+from llmshrink.targeting import check_tied, find_embeddings, find_targets, replace_module, untie
 
 CALIBRATION_WINDOW = 256  # tokens per calibration forward
 CALIBRATION_BATCH = 8  # windows per forward
 
 
 def apply(model, cfg: LowRankConfig, ctx: Context) -> PassRecord:
-    targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers, field="low_rank.targets")
+    targets = [] if cfg.targets is None else find_targets(model, cfg.targets, cfg.exclude, cfg.layers,
+                                                          field="low_rank.targets")
     tied = check_tied(model, targets, cfg.tied_embeddings, "low_rank", "compress it")
-    _check_ranks(targets, cfg)  # before any work: a bad config fails fast
+    tables = (find_embeddings(model, cfg.embedding_targets, cfg.exclude, "low_rank.embedding_targets")
+              if cfg.embeddings else [])
+    tied += check_tied_embeddings(model, tables, cfg)
+    _check_ranks(targets + tables, cfg)  # before any work: a bad config fails fast
     grams, calibration_tokens = None, None
-    if cfg.activation_aware:
+    if cfg.activation_aware and targets:
         ids = ctx.train_token_ids()[: cfg.calibration_tokens]
         ctx.log(f"  collecting input statistics of {len(targets)} layers on {ids.numel()} calibration tokens")
         grams = input_grams(model, [module for _, module in targets], ids)
@@ -81,16 +86,20 @@ def apply(model, cfg: LowRankConfig, ctx: Context) -> PassRecord:
             + (f", output error {entry['rel_output_error']:.4f} (plain SVD: {entry['rel_output_error_plain']:.4f})"
                if gram is not None else "")
         )
+    embeddings = [entry for name, module in tables
+                  if (entry := factorise_embedding(model, name, module, cfg, ctx, skipped, untied if name in tied
+                                                   else None))]
     return {
         "rule": cfg.rule(),
         "activation_aware": cfg.activation_aware,
         "randomized": cfg.randomized,
         "calibration_tokens": calibration_tokens,
         "layers": layers,
+        **({"embeddings": embeddings} if cfg.embeddings else {}),
         "skipped": skipped,
         "untied": untied,
-        "params_before": sum(layer["params_before"] for layer in layers),
-        "params_after": sum(layer["params_after"] for layer in layers),
+        "params_before": sum(entry["params_before"] for entry in layers + embeddings),
+        "params_after": sum(entry["params_after"] for entry in layers + embeddings),
     }
 
 
@@ -151,6 +160,54 @@ def input_grams(model: nn.Module, modules: list[nn.Module], token_ids: torch.Ten
         for handle in handles:
             handle.remove()
     return grams
+
+
+# --- Embedding tables (embeddings: true): E (V x H) ≈ A (V x r) B (r x H), see modules/low_rank_embedding.py ---
+
+
+def check_tied_embeddings(model: nn.Module, tables: list, cfg: LowRankConfig) -> list[str]:
+    """targeting.check_tied for the embedding tables (a decoder's lm_head sharing the table), in its words
+    but naming the embedding_targets field."""
+    try:
+        return check_tied(model, tables, cfg.tied_embeddings, "low_rank", "compress it")
+    except LlmshrinkError as err:
+        raise LlmshrinkError(str(err).replace("low_rank.targets:", "low_rank.embedding_targets:", 1)) from None
+
+
+def factorise_embedding(model: nn.Module, name: str, module: nn.Embedding, cfg: LowRankConfig, ctx: Context,
+                        skipped: list, untied: list | None) -> dict | None:
+    """Replace the table `name` by a LowRankEmbedding of the rank cfg asks for (its record entry), or add it to
+    `skipped` when that saves nothing (None). `untied`: the list to name it in once untied, if it is tied."""
+    start = time.perf_counter()
+    weight = module.weight.detach().to(torch.float64)
+    rows, dim = weight.shape
+    rank, factors = _factorise(weight, cfg, name, ctx.seed)
+    if rank * (rows + dim) >= rows * dim:
+        skipped.append({"name": name, "shape": [rows, dim], "rank": rank,
+                        "reason": f"rank {rank} x ({rows} + {dim}) = {rank * (rows + dim)} params >= {rows * dim} "
+                                  "dense"})
+        ctx.log(f"  {name}: {rows}x{dim} embedding kept dense (rank {rank} saves nothing)")
+        return None
+    dtype = module.weight.dtype
+    new = LowRankEmbedding.from_factors(factors[0].to(dtype), factors[1].to(dtype), padding_row_zero(module))
+    entry = {
+        "name": name,
+        "shape": [rows, dim],
+        "rank": rank,
+        "params_before": rows * dim,
+        "params_after": rank * (rows + dim),
+        "rel_error": round(_relative(weight - new.to_dense().detach().to(torch.float64), weight), 6),
+        "padding_idx": new.padding_idx,
+        "method": ("randomized SVD" if cfg.randomized else "plain SVD")
+                  + (" (activation_aware applies to Linear layers only)" if cfg.activation_aware else ""),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if untied is not None:
+        untie(model, name)
+        untied.append(name)
+    replace_module(model, name, new)
+    ctx.log(f"  {name}: {rows}x{dim} embedding -> rank {rank}, rel. weight error {entry['rel_error']:.4f}")
+    return entry
 
 
 def _check_ranks(targets, cfg: LowRankConfig) -> None:

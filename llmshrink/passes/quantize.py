@@ -5,7 +5,11 @@
     method: int8-dynamic     each targeted Linear/Conv1D becomes an Int8DynamicLinear: int8 weights with one scale
                              per output channel, activations quantized at run time, fbgemm's int8 GEMM on CPU. By
                              default only the layers inside the blocks: the (often tied) lm_head and embeddings,
-                             the most sensitive layers, stay in float
+                             the most sensitive layers, stay in float. With embeddings: true, the nn.Embedding
+                             tables named by embedding_targets (default: BERT's word/position/token-type
+                             embeddings, Llama-style embed_tokens) become Int8Embedding too: int8 rows, one fp32
+                             scale per row, only the looked-up rows dequantized; a table tied to the lm_head
+                             is refused unless tied_embeddings: untie (the head then keeps a float copy)
     method: bnb-nf4, bnb-fp4 the same targets become bitsandbytes' Linear4bit: a 4-bit NormalFloat / float
                              code per weight, one absmax per block of 64 weights (double_quant: those absmax
                              in 8 bits too), dequantized to compute_dtype for the matmul
@@ -31,11 +35,20 @@ from llmshrink import bnb
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.int8_dynamic import Int8DynamicLinear, dense_weight
+from llmshrink.modules.int8_embedding import Int8Embedding
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.quantize import QuantizeConfig
-from llmshrink.quant_layers import checked_targets, swap_layers, tensor_bytes
+from llmshrink.quant_layers import (
+    checked_embeddings,
+    checked_targets,
+    swap_embeddings,
+    swap_layers,
+    tensor_bytes,
+)
 
 CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
     if cfg.method == "mixed":
         from llmshrink.passes.quantize_mixed import mixed_quantize  # built on llmshrink/quant_layers.py too
@@ -49,7 +62,7 @@ def apply(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
 
 
 def cast(model: nn.Module, dtype: torch.dtype, method: str) -> PassRecord:
-    if any(isinstance(m, Int8DynamicLinear) for m in model.modules()):
+    if any(isinstance(m, (Int8DynamicLinear, Int8Embedding)) for m in model.modules()):
         raise LlmshrinkError(f"quantize.method: {method} after int8-dynamic is not supported; cast first")
     if any(bnb.is_bnb_layer(m) for m in model.modules()):
         raise LlmshrinkError(f"quantize.method: {method} after bitsandbytes is not supported; cast first "
@@ -74,12 +87,17 @@ def int8_dynamic(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRec
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         ctx.log("  quantize: no fbgemm on this machine: Int8DynamicLinear computes with dequantized weights")
     targets = checked_targets(model, cfg)
+    tables = checked_embeddings(model, cfg) if cfg.embeddings else []  # every check before any change
     layers, untied = swap_layers(model, targets, Int8DynamicLinear.from_linear, lambda new: new.to_dense())
+    embeddings, untied_tables = swap_embeddings(model, tables)
     from llmshrink.modules import COMPRESSED_MODULES
 
-    others = tuple(cls for cls in COMPRESSED_MODULES.values() if cls is not Int8DynamicLinear)
+    others = tuple(cls for cls in COMPRESSED_MODULES.values() if cls not in (Int8DynamicLinear, Int8Embedding))
     kept = [name for name, m in model.named_modules() if others and isinstance(m, others)]
-    return {"method": cfg.method, **_summary(layers, kept, "int8 (per-channel)", ctx), "untied": untied}
+    record = {"method": cfg.method, **_summary(layers, kept, "int8 (per-channel)", ctx, embeddings)}
+    if cfg.embeddings:
+        record["embeddings"] = embeddings
+    return {**record, "untied": untied + untied_tables}
 
 
 def bnb_quantize(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
@@ -109,10 +127,15 @@ def bnb_quantize(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRec
             **_summary(layers, kept, cfg.method, ctx), "untied": untied}
 
 
-def _summary(layers: list[dict], kept: list[str], precision: str, ctx: Context) -> PassRecord:
+def _summary(layers: list[dict], kept: list[str], precision: str, ctx: Context,
+             embeddings: list[dict] = ()) -> PassRecord:
+    """Bytes before / after cover the layers and the embedding tables (int8-dynamic, embeddings: true)."""
     ctx.log(f"  quantize: {len(layers)} layers to {precision}, mean rel. weight error "
             f"{sum(layer['rel_error'] for layer in layers) / len(layers):.4f}"
+            + (f"; {len(embeddings)} embeddings to int8 (per-row), max abs error "
+               f"{max(table['max_abs_error'] for table in embeddings):.3g}" if embeddings else "")
             + (f"; {len(kept)} compressed layers kept in their precision" if kept else ""))
-    before, after = sum(lay["bytes_before"] for lay in layers), sum(lay["bytes_after"] for lay in layers)
+    swapped = [*layers, *embeddings]
+    before, after = sum(lay["bytes_before"] for lay in swapped), sum(lay["bytes_after"] for lay in swapped)
     return {"layers": layers, "kept": kept, "bytes_before": before, "bytes_after": after,
             "ratio": round(after / before, 6)}

@@ -11,10 +11,16 @@ from llmshrink.fields import BlockIndices, Exclude, Regex
 from llmshrink.passes.base import PassConfig
 from llmshrink.registry import register_pass
 
+EMBEDDING_TARGETS = r".*word_embeddings|.*embed_tokens|.*wte"  # BERT, Llama-style, GPT-2 word tables
+
 
 @register_pass("low_rank")
 class LowRankConfig(PassConfig):
-    targets: Regex = Field(r".*\.\d+\..*", description="regex over full module names; default: every block layer")
+    targets: Regex | None = Field(
+        r".*\.\d+\..*",
+        description="regex over full module names (Linear or Conv1D); default: every block layer; null: none "
+        "(with embeddings: true, only the embeddings)",
+    )
     exclude: Exclude = None
     layers: BlockIndices = None
     rank: int | None = Field(None, ge=1, description="the same rank for every target")
@@ -34,6 +40,14 @@ class LowRankConfig(PassConfig):
     randomized: bool = Field(False, description="torch.svd_lowrank instead of a full SVD (faster, approximate)")
     oversample: int = Field(10, ge=0, description="extra columns of the randomized sketch")
     power_iters: int = Field(2, ge=0, description="subspace iterations of the randomized SVD")
+    embeddings: bool = Field(
+        False, description="also factorise nn.Embedding tables matching embedding_targets (ALBERT style), with the "
+        "same rank rule; always by plain (or randomized) SVD: activation_aware applies to Linear layers only",
+    )
+    embedding_targets: Regex = Field(
+        EMBEDDING_TARGETS, description="regex over full nn.Embedding names, for embeddings: true (exclude applies, "
+        "layers does not)",
+    )
     tied_embeddings: Literal["refuse", "untie"] = Field(
         "refuse", description="what to do with a target whose weight is tied to another module"
     )
@@ -45,6 +59,10 @@ class LowRankConfig(PassConfig):
             found = " and ".join(given) if given else "none"
             raise PydanticCustomError(
                 "rank_rule", "give exactly one of rank, energy or ratio (found {found})", {"found": found}
+            )
+        if self.targets is None and not self.embeddings:
+            raise PydanticCustomError(
+                "no_targets", "targets: null leaves nothing to factorise; give a regex or set embeddings: true", {}
             )
         return self
 
