@@ -13,7 +13,7 @@ starts from a copy of it (its state dict is kept in memory) and is measured in t
     int8       quantize int8-dynamic, embedding tables included (embeddings: true; the classifier stays fp32)
     fp16       quantize fp16 (the whole model cast; this CPU has no fast fp16 GEMM: its latency is what it is)
     tinybert   drop_layers [0, 2, 4] (3 of 6 blocks left) + task_distill with hidden states, twice the steps at 2e-4
-    student    the tinybert row with the word embeddings factorised (low_rank embeddings: true, rank 128), 3x the steps
+    student    the tinybert row with the word embeddings factorised (low_rank embeddings: true, rank 128), 6x the steps
 
 task_distill is TinyBERT's task distillation (prediction KL + hidden-state MSE) from the fine-tuned teacher on
 the task's train split, batch 16, max_length 64, as recipes/minilm-*.yaml. Columns: unique params, size of the
@@ -204,8 +204,8 @@ def compress(key: str, model, ctx: Context, args) -> str:
     if key == "student":  # minilm-student: the tinybert row with the word embeddings factorised (ALBERT-style)
         drop_layers.apply(model, drop_layers.DropLayersConfig(layers=[0, 2, 4]), ctx)
         low_rank.apply(model, low_rank.LowRankConfig(targets=None, embeddings=True, rank=STUDENT_RANK), ctx)
-        distill(3 * args.distill_steps, lr=2e-4)
-        return (f"blocks 1, 3, 5 kept, word embeddings rank {STUDENT_RANK}; task_distill {3 * args.distill_steps} "
+        distill(6 * args.distill_steps, lr=2e-4)
+        return (f"blocks 1, 3, 5 kept, word embeddings rank {STUDENT_RANK}; task_distill {6 * args.distill_steps} "
                 "steps")
     raise ValueError(key)
 

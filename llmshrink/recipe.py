@@ -84,6 +84,10 @@ def check_task(recipe: Recipe, file: str) -> None:
     if recipe.task.kind != kind:
         raise RecipeError(file, "task.kind", f"model.task {recipe.model.task} is scored on a {kind} task, "
                                              f"got {recipe.task.kind!r}")
+    source = getattr(recipe.data, "source", None)
+    if source in ("teacher", "mix"):
+        raise RecipeError(file, "data.source", f"{source} samples text from a causal LM; an encoder's unlabeled text "
+                                               "is a corpus: builtin:NAME, a datasets hub id or a local file")
     for key in _LM_ONLY:
         if key in recipe.evaluate.model_fields_set and getattr(recipe.evaluate, key) is not None:
             raise RecipeError(file, f"evaluate.{key}", "measures a language model's text; an encoder is scored on "

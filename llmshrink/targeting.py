@@ -44,6 +44,13 @@ def layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def require_causal_lm(model: nn.Module, reason: str, instead: str) -> None:
+    """Refuse in one line a setting that measures or trains next-token prediction (`reason`: "<field>: <what it
+    does>") on a model that has none, such as an encoder; `instead` names what to do."""
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        raise LlmshrinkError(f"{reason} and {type(model).__name__} is not a causal language model; {instead}")
+
+
 def find_targets(
     model: nn.Module,
     targets: str,

@@ -87,7 +87,7 @@ class TaskSpec(Spec):
 class Example:
     text: str
     text_pair: str | None
-    label: int | float  # class index (classification) or similarity score
+    label: int | float | None  # class index (classification), similarity score, or None: unlabeled text
 
 
 def load_examples(spec: TaskSpec, split: str | None = None) -> list[Example]:

@@ -47,7 +47,8 @@ for name, (auto, out) in %(outs)r.items():
     if "prepare" in globals():
         prepare(model, name)
     with torch.no_grad():
-        logits = model(ids).logits
+        out = model(ids)
+    logits = out.logits if "logits" in out else out.last_hidden_state  # a bare encoder has no logits
     layers = [type(m).__module__ for m in model.modules() if type(m).__name__ == %(layer)r]
     results[name] = {"logits": logits, "layers": layers, "probe": probe(model, name) if "probe" in globals() else None}
 assert not any(name.startswith("llmshrink") for name in sys.modules)
@@ -66,8 +67,9 @@ def reload_without_llmshrink(outs: dict, input_ids: torch.Tensor, *, auto: str |
     `prepare(model, name)` (run before the forward) and `probe(model, name)` (its value is returned: tensors,
     str, numbers, lists, dicts); both can read the global `ids` (= `input_ids`).
 
-    Returns {name: {"logits": model(input_ids).logits, "layers": [type(m).__module__ for each module whose
-    class is named `layer`], "probe": probe's value or None}}, in the order of `outs`.
+    Returns {name: {"logits": model(input_ids).logits (a bare encoder: last_hidden_state), "layers":
+    [type(m).__module__ for each module whose class is named `layer`], "probe": probe's value or None}}, in the
+    order of `outs`.
     """
     import subprocess
     import sys

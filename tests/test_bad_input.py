@@ -244,3 +244,9 @@ def test_an_encoder_recipe_needs_a_task_of_its_kind_and_no_text_measurements(tmp
     assert one_line(capsys, ["validate", str(path)]) == (
         f"llmshrink: error: {path}: evaluate.perplexity: measures a language model's text; an encoder is scored on "
         "its task: section (remove it, or set it to null)")
+    path.write_text("task: {kind: similarity, source: builtin:similarity}\n"
+                    + plain.replace("model: {id: ", "model: {task: embedding, id: ").replace(
+                        f"data: {{source: '{text}'}}", "data: {source: teacher, tokens: 1000}"))
+    assert one_line(capsys, ["validate", str(path)]) == (
+        f"llmshrink: error: {path}: data.source: teacher samples text from a causal LM; an encoder's unlabeled text "
+        "is a corpus: builtin:NAME, a datasets hub id or a local file")

@@ -63,6 +63,8 @@ LAYERS = (
     Layer("parts of one pass", ("llmshrink.passes.quantize_mixed",)),  # quantize's method `mixed`
     Layer("passes", ("llmshrink.passes.*",), sideways=False),
     Layer("recipe", ("llmshrink.recipe",)),
+    # The target: planner (issue 18): measures decisions through the passes, chooses; the engine runs its plan.
+    Layer("planning", ("llmshrink.planning", "llmshrink.planning.*")),
     # Running a recipe: the engine, the recipe's evaluate: section, the model card it writes.
     Layer("engine", ("llmshrink.engine", "llmshrink.eval.evaluator", "llmshrink.hub")),
     Layer("compare and push", (

@@ -8,11 +8,11 @@ import copy
 
 import pytest
 import torch
-from conftest import calibrated, n_params
+from conftest import calibrated, n_params, stage_error
 from pydantic import ValidationError
 from test_finetune import bert, classification_task, similarity_task, task_ctx
 
-from llmshrink.distill.task_training import example_rows
+from llmshrink.distill.task_training import example_rows, text_pieces
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.task_eval import evaluate_classification
 from llmshrink.passes.configs.finetune import FinetuneConfig
@@ -20,6 +20,7 @@ from llmshrink.passes.configs.task_distill import TaskDistillConfig
 from llmshrink.passes.finetune import apply as finetune
 from llmshrink.passes.task_distill import apply
 from llmshrink.registry import get_pass
+from llmshrink.specs import DataSpec
 from llmshrink.task_data import Example
 
 CFG = {"steps": 40, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2}
@@ -109,6 +110,26 @@ def test_students_of_drop_layers_and_prune_heads(tmp_path):
     assert record["end"]["hidden"] < record["start"]["hidden"]
 
 
+@pytest.mark.parametrize("classes", [2, None], ids=["classifier", "embedding"])
+def test_general_distillation_learns_the_teacher_on_unlabeled_text(tmp_path, tiny_text, classes):
+    """text: data (TinyBERT's general distillation): pieces of the data: section's text, no labels, no task:."""
+    ctx = task_ctx(None, teacher=frozen(bert(seed=1, layers=4, classes=classes)))
+    ctx.data = DataSpec(source=str(tiny_text))
+    cfg = TaskDistillConfig(**CFG, text="data", max_length=16, attention_weight=1e3)
+    record = apply(bert(seed=2, layers=2, classes=classes), cfg, ctx)
+    pieces = len(ctx.train_token_ids()) // 16  # the tiny tokenizer adds no special tokens: 16 tokens a piece
+    assert record["text"] == "data" and record["examples"] == pieces > 64
+    own = "prediction" if classes else "embedding"
+    assert set(record["start"]) == {own, "hidden", "attention"}
+    for term in record["start"]:
+        assert record["end"][term] < 0.7 * record["start"][term], term
+    examples = text_pieces(ctx.train_token_ids(), ctx.tokenizer, 16)
+    assert [len(ctx.tokenizer(e.text)["input_ids"]) for e in examples[:5]] == [16] * 5
+    assert {(e.text_pair, e.label) for e in examples} == {(None, None)}
+    with pytest.raises(LlmshrinkError, match=r"^the unlabeled text has 3 tokens, fewer than one piece of 16 "):
+        text_pieces(torch.arange(3), ctx.tokenizer, 16)
+
+
 def test_example_rows_carry_the_index_and_the_content():
     examples = [Example("the a", None, 0), Example("of and", "to in", 1), Example("the a", None, 0)]
     rows = example_rows(examples)
@@ -133,7 +154,8 @@ def test_task_distill_refusals_are_one_line(tmp_path):
     cls = classification_task(tmp_path)
     cfg = TaskDistillConfig(steps=1)
     cases = [
-        (bert(), task_ctx(None, teacher=bert()), cfg, r"^task_distill: needs labeled examples: add a `task:` section to the recipe$"),
+        (bert(), task_ctx(None, teacher=bert()), cfg, r"^task_distill: needs labeled examples: add a `task:` section to the recipe \(or learn on unlabeled text: "
+         r"text: data\)$"),
         (bert(), task_ctx(cls), cfg, r"^task_distill: needs a teacher and none is loaded: put a finetune stage "),
         (bert(), task_ctx(cls, teacher=bert(classes=None)), cfg,
          r"^task_distill: the student \(BertForSequenceClassification\) is a classifier and the teacher "
@@ -152,9 +174,16 @@ def test_task_distill_refusals_are_one_line(tmp_path):
          r"^task_distill: every loss weight that applies to this model is 0 \(prediction_weight, label_weight, "
          r"hidden_weight, attention_weight\); set one above 0$"),
     ]
+    unlabeled = TaskDistillConfig(steps=1, text="data")
+    cases += [
+        (bert(), task_ctx(cls, teacher=bert()), unlabeled,
+         r"^task_distill.text: data learns on the recipe's unlabeled text: add a `data:` section \(e.g. data: "),
+    ]
     for model, ctx, config, message in cases:
         with pytest.raises(LlmshrinkError, match=message) as err:
             apply(model, config, ctx)
         assert "\n" not in str(err.value)
+    assert stage_error("task_distill", {"steps": 1, "text": "data", "label_weight": 1.0}) == (
+        ".label_weight: text: data is unlabeled text; set it to 0, got 1.0")
     with pytest.raises(ValidationError, match="seq_len\n  not used by this pass"):
         TaskDistillConfig(steps=1, seq_len=64)

@@ -70,6 +70,18 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_length: int, dev
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def text_pieces(ids: torch.Tensor, tokenizer, max_length: int) -> list[Example]:
+    """Unlabeled examples from a 1-D token stream: consecutive pieces that fill max_length with the special
+    tokens ([CLS], [SEP]) added, decoded back to text (encode_examples tokenizes them again); the short tail
+    is dropped."""
+    size = max(1, max_length - tokenizer.num_special_tokens_to_add(pair=False))
+    pieces = [ids[start:start + size].tolist() for start in range(0, len(ids) - size + 1, size)]
+    if not pieces:
+        raise LlmshrinkError(f"the unlabeled text has {len(ids)} tokens, fewer than one piece of {size} "
+                             f"(max_length {max_length}); give more text or a smaller max_length")
+    return [Example(text=tokenizer.decode(piece), text_pair=None, label=None) for piece in pieces]
+
+
 def last_hidden(outputs) -> torch.Tensor:
     """The last hidden states: a bare encoder's last_hidden_state, else (a model with a head, run with
     output_hidden_states=True) its last hidden_states."""

@@ -31,6 +31,7 @@ from llmshrink.distill.trainer import LossFn, train
 from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.distill import DistillConfig
+from llmshrink.targeting import require_causal_lm
 
 
 def logit_kd_loss(
@@ -125,10 +126,7 @@ def feature_kd_loss(
 
 
 def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
-    if not (hasattr(model, "can_generate") and model.can_generate()):
-        raise LlmshrinkError(
-            f"distill: {type(model).__name__} is not a causal language model; distill trains next-token models"
-        )
+    require_causal_lm(model, "distill: trains next-token models", "use task_distill on an encoder")
     features = cfg.hidden_weight > 0 or cfg.attention_weight > 0
     teacher = _teacher(cfg, ctx) if cfg.alpha > 0 or features else None
     options = cfg.trainer_options("distill", ctx)

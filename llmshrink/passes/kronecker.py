@@ -19,7 +19,7 @@ from llmshrink.modules.kronecker import KroneckerLinear, dense_weight
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.kronecker import KroneckerConfig
 from llmshrink.sensitivity import group_by_layer, layer_sensitivity, least_sensitive
-from llmshrink.targeting import find_targets, layer_index, replace_module, untie_targets
+from llmshrink.targeting import find_targets, layer_index, replace_module, require_causal_lm, untie_targets
 
 
 def apply(model, cfg: KroneckerConfig, ctx: Context) -> PassRecord:
@@ -81,6 +81,8 @@ def apply(model, cfg: KroneckerConfig, ctx: Context) -> PassRecord:
 
 def _select_layers(model, targets, shapes, cfg: KroneckerConfig, ctx: Context):
     """Keep the targets of the `select_layers` blocks that hurt calibration perplexity least."""
+    require_causal_lm(model, "kronecker.select_layers: ranks blocks by calibration perplexity",
+                      "name the blocks in layers instead")
     groups = group_by_layer(targets)
     if cfg.select_layers > len(groups):
         raise LlmshrinkError(

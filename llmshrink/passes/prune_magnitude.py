@@ -20,13 +20,12 @@ import time
 import torch
 
 from llmshrink.context import Context
-from llmshrink.errors import LlmshrinkError
 from llmshrink.modules.sparse import SparseLinear, dense_weight
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.distill import DistillConfig
 from llmshrink.passes.configs.prune_magnitude import PruneMagnitudeConfig, RoundDistillConfig
 from llmshrink.registry import get_pass
-from llmshrink.targeting import check_tied, find_targets, replace_module, untie
+from llmshrink.targeting import check_tied, find_targets, replace_module, require_causal_lm, untie
 
 
 def cubic_schedule(initial: float, final: float, rounds: int) -> list[float]:
@@ -52,11 +51,8 @@ def smallest(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, float | No
 def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
     targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers)
     untied = check_tied(model, targets, cfg.tied_embeddings, "prune_magnitude", "prune it")
-    if cfg.schedule == "gradual" and not (hasattr(model, "can_generate") and model.can_generate()):
-        raise LlmshrinkError(
-            f"prune_magnitude.schedule: gradual distils between rounds and {type(model).__name__} is not a "
-            "causal language model; use schedule: one_shot"
-        )
+    if cfg.schedule == "gradual":
+        require_causal_lm(model, "prune_magnitude.schedule: gradual distils between rounds", "use schedule: one_shot")
     names = [name for name, _ in targets]
     before = {name: (list(dense_weight(m).shape), dense_weight(m).numel() * dense_weight(m).element_size())
               for name, m in targets}

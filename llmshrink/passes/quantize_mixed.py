@@ -35,7 +35,7 @@ from llmshrink.modules.int8_dynamic import Int8DynamicLinear, dense_weight
 from llmshrink.passes.base import PassRecord
 from llmshrink.quant_layers import checked_targets, swap_layers, tensor_bytes
 from llmshrink.sensitivity import layer_sensitivity
-from llmshrink.targeting import check_tied, find_targets
+from llmshrink.targeting import check_tied, find_targets, require_causal_lm
 
 if TYPE_CHECKING:
     from llmshrink.passes.configs.quantize import QuantizeConfig
@@ -49,6 +49,8 @@ Builder = tuple[Callable[[nn.Module], nn.Module], Callable[[nn.Module], torch.Te
 def mixed_quantize(model: nn.Module, cfg: QuantizeConfig, ctx: Context) -> PassRecord:
     from llmshrink.modules import COMPRESSED_MODULES
 
+    require_causal_lm(model, "quantize.method: mixed ranks layers by calibration perplexity",
+                      "use int8-dynamic or a bnb-* method")
     bnb_format = next((fmt for fmt in cfg.choices if fmt in bnb.METHODS), None)
     if bnb_format and any(bnb.is_bnb_layer(m) for m in model.modules()):
         raise LlmshrinkError(f"quantize.choices: {bnb_format}: the model already has bitsandbytes layers; "

@@ -9,6 +9,9 @@ before, else the model as loaded. The student is the (compressed) model; loss =
     layer g(m) = m·N/M (distill.tinybert_losses.uniform_layer_map)
   + attention_weight · MSE of the attention probabilities, mean over the mapped layers.
 
+With text: data the student learns on unlabeled text instead (pieces of the recipe's data: section, no labels):
+TinyBERT's general distillation, from the teacher ctx holds at that point.
+
 The prediction term is tinybert_losses.prediction_loss (soft cross-entropy) less the teacher's entropy: the
 same gradient, and 0 for a student that matches the teacher. When widths differ, a learned projection
 (HiddenProjection) maps the student's states to the teacher's; it trains with the student and is dropped.
@@ -29,6 +32,7 @@ from llmshrink.distill.task_training import (
     is_classifier,
     last_hidden,
     progress_line,
+    text_pieces,
     train_on_examples,
     trainable_params,
 )
@@ -73,9 +77,7 @@ class TaskStudent(nn.Module):
 
 def apply(model: nn.Module, cfg: TaskDistillConfig, ctx: Context) -> PassRecord:
     check_encoder(model, "task_distill")
-    if ctx.task is None:
-        raise LlmshrinkError("task_distill: needs labeled examples: add a `task:` section to the recipe")
-    examples = ctx.task_examples("train")
+    examples = _examples(cfg, ctx)
     teacher = ctx.teacher
     if teacher is None:
         raise LlmshrinkError("task_distill: needs a teacher and none is loaded: put a finetune stage before it")
@@ -119,7 +121,8 @@ def apply(model: nn.Module, cfg: TaskDistillConfig, ctx: Context) -> PassRecord:
             if not params:
                 raise LlmshrinkError("task_distill: the model has no trainable parameters")
             extra = sum(p.numel() for p in projection.parameters()) if projection is not None else 0
-            ctx.log(f"task_distill: {cfg.steps} steps on {len(examples)} examples, layer map {mapping}, "
+            what = "examples" if cfg.text == "task" else f"pieces of unlabeled text ({cfg.max_length} tokens)"
+            ctx.log(f"task_distill: {cfg.steps} steps on {len(examples)} {what}, layer map {mapping}, "
                     f"{sum(p.numel() for p in params):,} trainable params"
                     + (f" + {extra:,} projection params" if extra else ""))
             result = train_on_examples(student, examples, loss_fn, cfg.trainer_options("task_distill", ctx),
@@ -128,6 +131,7 @@ def apply(model: nn.Module, cfg: TaskDistillConfig, ctx: Context) -> PassRecord:
     ctx.log(progress_line("task_distill", result))
     ctx.log("task_distill: " + ", ".join(f"{k} {start[k]:.4f} -> {end[k]:.4f}" for k in start))
     return {
+        "text": cfg.text,
         "steps": result.steps,
         "examples": len(examples),
         "examples_seen": result.tokens,
@@ -150,6 +154,19 @@ def apply(model: nn.Module, cfg: TaskDistillConfig, ctx: Context) -> PassRecord:
         "end": end,
         "curve": training_curve(result),
     }
+
+
+def _examples(cfg: TaskDistillConfig, ctx: Context) -> list[Example]:
+    """What the student learns on: the task's train split, or (text: data) pieces of the data: section's text."""
+    if cfg.text == "task":
+        if ctx.task is None:
+            raise LlmshrinkError("task_distill: needs labeled examples: add a `task:` section to the recipe "
+                                 "(or learn on unlabeled text: text: data)")
+        return ctx.task_examples("train")
+    if ctx.data is None:
+        raise LlmshrinkError("task_distill.text: data learns on the recipe's unlabeled text: add a `data:` section "
+                             "(e.g. data: {source: builtin:shakespeare})")
+    return text_pieces(ctx.train_token_ids(), ctx.tokenizer, cfg.max_length)
 
 
 def _weights(cfg: TaskDistillConfig, classifier: bool, ctx: Context) -> dict[str, float]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from llmshrink.passes.base import TrainingConfig
 from llmshrink.passes.configs.finetune import refuse_seq_len
@@ -11,6 +14,11 @@ from llmshrink.registry import register_pass
 
 @register_pass("task_distill")
 class TaskDistillConfig(TrainingConfig):
+    text: Literal["task", "data"] = Field(
+        "task", description="what the student learns on: task = the task's train split (task distillation); data "
+        "= unlabeled text of the recipe's data: section, cut into max_length pieces (TinyBERT's general "
+        "distillation: no labels, so label_weight must be 0)",
+    )
     batch_size: int = Field(16, ge=1, description="examples per micro-batch (per process)")
     lr: float = Field(5e-5, gt=0.0)
     max_length: int = Field(128, ge=2, description="tokens per text (a pair: both together); longer ones are cut")
@@ -36,3 +44,10 @@ class TaskDistillConfig(TrainingConfig):
     )
 
     _no_seq_len = field_validator("seq_len")(refuse_seq_len)
+
+    @field_validator("label_weight")
+    @classmethod
+    def _labels_to_learn(cls, weight: float, info: ValidationInfo) -> float:
+        if weight > 0 and info.data.get("text") == "data":
+            raise PydanticCustomError("unlabeled", "text: data is unlabeled text; set it to 0")
+        return weight
