@@ -85,16 +85,14 @@ class QuantizeConfig(PassConfig):
         if method == "mixed" and budget is None:
             raise PydanticCustomError("budget_missing", "required for method mixed: the targets' bytes after "
                                       "quantizing, as a fraction in (0, 1] of their fp32 bytes")
-        if method not in (None, "mixed") and budget is not None:
-            raise PydanticCustomError("method_setting", f"only for method mixed, not {method!r}")
+        if budget is not None:
+            _only_for("mixed", info)
         return budget
 
     @field_validator("choices", "calibration_tokens")
     @classmethod
     def _for_mixed(cls, value: object, info: ValidationInfo) -> object:
-        method = info.data.get("method")
-        if method not in (None, "mixed"):
-            raise PydanticCustomError("method_setting", f"only for method mixed, not {method!r}")
+        _only_for("mixed", info)
         if info.field_name == "choices":
             _check_choices(value)
         return value
@@ -103,9 +101,7 @@ class QuantizeConfig(PassConfig):
     @classmethod
     def _for_int8_dynamic(cls, value: object, info: ValidationInfo) -> object:
         # Runs only for keys the recipe sets: embeddings of another method would be silently ignored.
-        method = info.data.get("method")
-        if method not in (None, "int8-dynamic"):
-            raise PydanticCustomError("method_setting", f"only for method int8-dynamic, not {method!r}")
+        _only_for("int8-dynamic", info)
         return value
 
     @field_validator("double_quant", "compute_dtype", "int8_threshold")
@@ -126,6 +122,13 @@ class QuantizeConfig(PassConfig):
         from llmshrink.bnb import BnbSpec
 
         return BnbSpec(self.method, self.double_quant, self.compute_dtype, self.int8_threshold)
+
+
+def _only_for(method: str, info: ValidationInfo) -> None:
+    """Refuse a setting of one method given with another (None: the method field failed, reported itself)."""
+    given = info.data.get("method")
+    if given not in (None, method):
+        raise PydanticCustomError("method_setting", f"only for method {method}, not {given!r}")
 
 
 def _check_choices(choices: tuple[str, ...]) -> None:
