@@ -34,7 +34,9 @@ class Context:
     samples_dir: Path | None = None
     teacher_fingerprint: str = ""
     task: TaskSpec | None = None  # encoders: the recipe's `task:` section
+    # loaded once: token ids by (data: or task: section, part); the task's examples by (task: section, split)
     _token_cache: dict = field(default_factory=dict, repr=False)
+    _examples_cache: dict = field(default_factory=dict, repr=False)
 
     def _task_token_ids(self) -> torch.Tensor:
         """An encoder's calibration text without a `data:` section: its task's training texts, one after another
@@ -54,9 +56,9 @@ class Context:
         if self.task is None:
             raise LlmshrinkError("this pass needs labeled examples: add a `task:` section to the recipe")
         key = (self.task, split)
-        if key not in self._token_cache:
-            self._token_cache[key] = load_examples(self.task, split)
-        return self._token_cache[key]
+        if key not in self._examples_cache:
+            self._examples_cache[key] = load_examples(self.task, split)
+        return self._examples_cache[key]
 
     def train_token_ids(self) -> torch.Tensor:
         """1-D token ids of the recipe's `data:` section, loaded once and shared by all passes."""
