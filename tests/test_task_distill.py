@@ -111,10 +111,13 @@ def test_students_of_drop_layers_and_prune_heads(tmp_path):
 
 
 @pytest.mark.parametrize("classes", [2, None], ids=["classifier", "embedding"])
-def test_general_distillation_learns_the_teacher_on_unlabeled_text(tmp_path, tiny_text, classes):
+def test_general_distillation_learns_the_teacher_on_unlabeled_text(tmp_path, tiny_text, classes, capfd):
     """text: data (TinyBERT's general distillation): pieces of the data: section's text, no labels, no task:."""
     ctx = task_ctx(None, teacher=frozen(bert(seed=1, layers=4, classes=classes)))
     ctx.data = DataSpec(source=str(tiny_text))
+    ctx.tokenizer.model_max_length = 8  # below a document (a line of 12 words), as BERT's 512 is below a play
+    assert len(ctx.train_token_ids()) > 8
+    assert "Token indices sequence length" not in capfd.readouterr().err  # documents are cut later, on purpose
     cfg = TaskDistillConfig(**CFG, text="data", max_length=16, attention_weight=1e3)
     record = apply(bert(seed=2, layers=2, classes=classes), cfg, ctx)
     pieces = len(ctx.train_token_ids()) // 16  # the tiny tokenizer adds no special tokens: 16 tokens a piece

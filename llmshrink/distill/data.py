@@ -162,7 +162,9 @@ def _encode(docs: Iterable[str], tokenizer, limit: int | None) -> torch.Tensor:
     ids: list[int] = []
     stream = iter(docs)
     while chunk := list(islice(stream, _TOKENIZE_CHUNK)):
-        for doc_ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+        # Whole documents on purpose (cut into windows later): verbose=False drops transformers' warning that
+        # they exceed the model's maximum length, which would be about a forward that never happens.
+        for doc_ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
             if ids and eos is not None:
                 ids.append(eos)
             ids.extend(doc_ids)
