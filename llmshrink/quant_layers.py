@@ -76,12 +76,8 @@ def checked_embeddings(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str,
         if module.weight.dtype != torch.float32:
             raise LlmshrinkError(f"quantize.method: {cfg.method} needs float32 embeddings; {name} is "
                                  f"{str(module.weight.dtype).removeprefix('torch.')}")
-        tied_to = shared_weight_names(model, name)
-        if tied_to and cfg.tied_embeddings == "refuse":  # the wording of targeting.check_tied
-            raise LlmshrinkError(
-                f"{field}: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); exclude it, or "
-                f"set tied_embeddings: untie to store it in int8 alone ({', '.join(tied_to)} keeps a float copy)"
-            )
+        check_tied(model, [(name, module)], cfg.tied_embeddings, "quantize", "store it in int8",
+                   note="{others} keeps a float copy", field="embedding_targets")
     return targets
 
 

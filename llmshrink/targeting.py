@@ -126,24 +126,27 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def shared_weight_names(model: nn.Module, name: str) -> list[str]:
-    """Other modules whose weight is the same tensor as `name`'s (e.g. a tied lm_head and embedding)."""
+    """Other modules whose weight is the same tensor as `name`'s (e.g. a tied lm_head and embedding).
+
+    Only weight parameters are compared: a weight that is a property (Int8Embedding's) builds a new tensor on
+    each read, which is never another module's, and reading it would dequantize a whole table."""
     weight = model.get_submodule(name).weight
     return [
         other
         for other, module in model.named_modules()
-        if other != name and getattr(module, "weight", None) is weight
+        if other != name and dict(module.named_parameters(recurse=False)).get("weight") is weight
     ]
 
 
 def check_tied(
     model: nn.Module, targets: list[tuple[str, nn.Module]], policy: str, pass_name: str, verb: str,
-    note: str | None = "the other stays dense",
+    note: str | None = "the other stays dense", field: str = "targets",
 ) -> list[str]:
     """The targets whose weight is tied to another module (a tied lm_head and embedding), for `untie`; with
     policy "refuse", the first of them is an error instead, before the pass changed anything.
 
-    The error reads `<pass_name>.targets: <name> shares its weight with <others> (tied embeddings); exclude it,
-    or set tied_embeddings: untie to <verb> alone (<note>)`.
+    The error reads `<pass_name>.<field>: <name> shares its weight with <others> (tied embeddings); exclude it,
+    or set tied_embeddings: untie to <verb> alone (<note>)`; `{others}` in the note names the others.
     """
     tied = []
     for name, _ in targets:
@@ -151,9 +154,11 @@ def check_tied(
         if not tied_to:
             continue
         if policy == "refuse":
+            others = ", ".join(tied_to)
             raise LlmshrinkError(
-                f"{pass_name}.targets: {name} shares its weight with {', '.join(tied_to)} (tied embeddings); "
-                f"exclude it, or set tied_embeddings: untie to {verb} alone" + (f" ({note})" if note else "")
+                f"{pass_name}.{field}: {name} shares its weight with {others} (tied embeddings); "
+                f"exclude it, or set tied_embeddings: untie to {verb} alone"
+                + (f" ({note.format(others=others)})" if note else "")
             )
         tied.append(name)
     return tied

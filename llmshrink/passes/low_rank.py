@@ -32,7 +32,8 @@ def apply(model, cfg: LowRankConfig, ctx: Context) -> PassRecord:
     tied = check_tied(model, targets, cfg.tied_embeddings, "low_rank", "compress it")
     tables = (find_embeddings(model, cfg.embedding_targets, cfg.exclude, "low_rank.embedding_targets")
               if cfg.embeddings else [])
-    tied += check_tied_embeddings(model, tables, cfg)
+    tied += check_tied(model, tables, cfg.tied_embeddings, "low_rank", "compress it",
+                       field="embedding_targets")
     _check_ranks(targets + tables, cfg)  # before any work: a bad config fails fast
     grams, calibration_tokens = None, None
     if cfg.activation_aware and targets:
@@ -163,15 +164,6 @@ def input_grams(model: nn.Module, modules: list[nn.Module], token_ids: torch.Ten
 
 
 # --- Embedding tables (embeddings: true): E (V x H) ≈ A (V x r) B (r x H), see modules/low_rank_embedding.py ---
-
-
-def check_tied_embeddings(model: nn.Module, tables: list, cfg: LowRankConfig) -> list[str]:
-    """targeting.check_tied for the embedding tables (a decoder's lm_head sharing the table), in its words
-    but naming the embedding_targets field."""
-    try:
-        return check_tied(model, tables, cfg.tied_embeddings, "low_rank", "compress it")
-    except LlmshrinkError as err:
-        raise LlmshrinkError(str(err).replace("low_rank.targets:", "low_rank.embedding_targets:", 1)) from None
 
 
 def factorise_embedding(model: nn.Module, name: str, module: nn.Embedding, cfg: LowRankConfig, ctx: Context,
