@@ -32,6 +32,7 @@ from llmshrink.distill.losses import (
     skew_rkl,
 )
 from llmshrink.distill.trainer import FrozenTeacher, train
+from llmshrink.distill.training_modes import eager_attention
 from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.distill import ProjectedStudent, feature_kd_loss, logit_kd_loss
 from llmshrink.registry import get_pass
@@ -248,7 +249,7 @@ def test_feature_terms_are_zero_for_a_copy_of_the_student_and_not_for_another_mo
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     loss_fn = feature_kd_loss(0.5, 1.0, layer_map(2, 2), hidden_weight=1.0, attention_weight=1.0)
     for other, zero in ((copy.deepcopy(student), True), (tiny_gpt2(seed=2), False)):
-        with distill_pass._eager_attention([student, other]):
+        with eager_attention([student, other], "distill"):
             loss, parts = loss_fn(student, FrozenTeacher(other), ids)
         assert {"kd", "ce", "hidden", "attention", "loss"} <= parts.keys()
         for term in ("kd", "hidden", "attention"):

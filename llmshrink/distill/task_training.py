@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -115,40 +114,6 @@ def check_encoder(model: nn.Module, what: str) -> None:
 def frozen_copy(model: nn.Module) -> nn.Module:
     """An independent copy that cannot train: requires_grad off everywhere, eval mode."""
     return copy.deepcopy(model).requires_grad_(False).eval()
-
-
-@contextmanager
-def trainable_params(model: nn.Module) -> Iterator[list[nn.Parameter]]:
-    """The parameters that train (those with requires_grad: frozen ones, e.g. quantized, stay frozen); their
-    flags are put back afterwards, and the model left in eval mode."""
-    saved = {p: p.requires_grad for p in model.parameters()}
-    try:
-        yield [p for p, flag in saved.items() if flag]
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-        model.eval()
-
-
-@contextmanager
-def eager_attention(models: Sequence[nn.Module], what: str) -> Iterator[None]:
-    """Switch the models to eager attention, the only kind that returns attention maps (transformers 5 returns
-    none under sdpa), then back."""
-    previous = []
-    try:
-        for m in models:
-            impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
-            if impl == "eager":
-                continue
-            if impl is None or not hasattr(m, "set_attn_implementation"):
-                raise LlmshrinkError(f"{what}: attention_weight > 0 needs eager attention, and {type(m).__name__} "
-                                     "cannot switch to it; set attention_weight: 0")
-            previous.append((m, impl))
-            m.set_attn_implementation("eager")
-        yield
-    finally:
-        for m, impl in reversed(previous):
-            m.set_attn_implementation(impl)
 
 
 def progress_line(what: str, result: TrainResult) -> str:

@@ -11,8 +11,7 @@ the student's hidden states to the teacher's; they train with the student and ar
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -28,6 +27,7 @@ from llmshrink.distill.losses import (
     layer_map,
 )
 from llmshrink.distill.trainer import LossFn, train
+from llmshrink.distill.training_modes import eager_attention, trainable_params
 from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.distill import DistillConfig
@@ -138,8 +138,7 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
         assert teacher is not None
         pairs, student = _feature_setup(model, teacher, cfg, blocks[:1, :2], ctx.seed)
     eval_fn, eval_data = _periodic_eval(cfg, ctx)
-    saved = {p: p.requires_grad for p in model.parameters()}
-    try:
+    with trainable_params(model):
         for p in model.parameters():
             p.requires_grad_(p in trainable)
         projection_params = sum(p.numel() for p in student.parameters()) - sum(p.numel() for p in model.parameters())
@@ -152,7 +151,7 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
             cfg.alpha, cfg.temperature, pairs, cfg.hidden_weight, cfg.hidden_loss, cfg.attention_weight,
             loss=cfg.loss, skew=cfg.skew, jsd_beta=cfg.jsd_beta,
         )
-        with _eager_attention([model, teacher] if cfg.attention_weight > 0 else []):
+        with eager_attention([model, teacher] if cfg.attention_weight > 0 else [], "distill"):
             result = train(
                 student,
                 blocks,
@@ -164,10 +163,6 @@ def apply(model: nn.Module, cfg: DistillConfig, ctx: Context) -> PassRecord:
                 eval_fn=eval_fn,
                 eval_every=cfg.eval_every,
             )
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-        model.eval()
     ctx.log(result.log_line("distill: loss"))
     record: PassRecord = {
         **result.summary(),
@@ -258,30 +253,6 @@ def _hidden_widths(model: nn.Module, probe: torch.Tensor) -> list[int]:
     with torch.no_grad():
         out = model(input_ids=probe.to(device), use_cache=False, output_hidden_states=True)
     return [h.shape[-1] for h in out.hidden_states]
-
-
-@contextmanager
-def _eager_attention(models: Sequence[nn.Module | None]) -> Iterator[None]:
-    """Switch the models to eager attention (the only kind that returns attention maps), then back."""
-    previous = []
-    try:
-        for m in models:
-            impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
-            if m is None or impl == "eager":
-                continue
-            cannot = LlmshrinkError(
-                f"distill: attention_weight > 0 needs eager attention, and {type(m).__name__} cannot switch to it"
-            )
-            if impl is None or not hasattr(m, "set_attn_implementation"):
-                raise cannot
-            previous.append((m, impl))
-            m.set_attn_implementation("eager")
-            if m.config._attn_implementation != "eager":
-                raise cannot
-        yield
-    finally:
-        for m, impl in reversed(previous):
-            m.set_attn_implementation(impl)
 
 
 def _teacher(cfg: DistillConfig, ctx: Context) -> nn.Module:

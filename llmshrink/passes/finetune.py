@@ -26,8 +26,8 @@ from llmshrink.distill.task_training import (
     pooled,
     progress_line,
     train_on_examples,
-    trainable_params,
 )
+from llmshrink.distill.training_modes import trainable_params
 from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.finetune import FinetuneConfig

@@ -21,6 +21,7 @@ from llmshrink.context import Context
 from llmshrink.distill.curves import training_curve
 from llmshrink.distill.data import pack
 from llmshrink.distill.trainer import LossFn, train
+from llmshrink.distill.training_modes import trainable_params
 from llmshrink.errors import LlmshrinkError
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.local_distill import LocalDistillConfig
@@ -99,8 +100,7 @@ def apply(model: nn.Module, cfg: LocalDistillConfig, ctx: Context) -> PassRecord
     names = [name for name, _ in chosen]
     student = LocalStudent(names, [m for _, m in chosen])
     blocks = pack(ctx.train_token_ids(), cfg.seq_len)
-    saved = {p: p.requires_grad for p in model.parameters()}
-    try:
+    with trainable_params(model):
         model.requires_grad_(False)
         student.requires_grad_(True)
         trainable = sum(p.numel() for p in student.parameters())
@@ -114,10 +114,6 @@ def apply(model: nn.Module, cfg: LocalDistillConfig, ctx: Context) -> PassRecord
             teacher=ctx.teacher,
             desc="local_distill",
         )
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-        model.eval()
     ctx.log(result.log_line("local_distill: normalised error"))
     return {
         "layers": names,

@@ -27,14 +27,12 @@ from llmshrink.context import Context
 from llmshrink.distill.curves import training_curve
 from llmshrink.distill.task_training import (
     check_encoder,
-    eager_attention,
     encode_examples,
     is_classifier,
     last_hidden,
     progress_line,
     text_pieces,
     train_on_examples,
-    trainable_params,
 )
 from llmshrink.distill.tinybert_losses import (
     HiddenProjection,
@@ -43,6 +41,7 @@ from llmshrink.distill.tinybert_losses import (
     prediction_loss,
     uniform_layer_map,
 )
+from llmshrink.distill.training_modes import eager_attention, trainable_params
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.task_eval import mean_pool
 from llmshrink.passes.base import PassRecord
