@@ -42,10 +42,6 @@ class Family:
     per_block_config: tuple[str, ...] = ("layer_types",)
     causal: bool = True  # a language model predicting the next token (Taylor importance needs that loss)
 
-    @property
-    def fused_qkv(self) -> bool:
-        return len(self.qkv) == 1
-
 
 LLAMA = Family(
     name="llama", label="Llama-style (Llama, Mistral, Qwen2, Qwen3)",

@@ -21,7 +21,7 @@ and restore; Llama-style attention reshapes by head size (-1 heads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -190,8 +190,7 @@ def _with_head_count(model: nn.Module, block: AttentionBlock) -> AttentionBlock:
             f"prune_heads: {block.name}: projections disagree on the heads: query {q_rows}, key/value {kv_rows}, "
             f"output {width} features, head size {block.head_dim}, {g} query heads per kv group"
         )
-    return AttentionBlock(block.name, block.family, width // block.head_dim, g, block.head_dim, block.qkv,
-                          block.output, block.per_head, block.head_attrs, block.kv_groups_attr)
+    return replace(block, heads=width // block.head_dim)
 
 
 def _check_units(blocks: list[AttentionBlock]) -> None:

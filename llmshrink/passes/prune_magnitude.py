@@ -25,7 +25,7 @@ from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.distill import DistillConfig
 from llmshrink.passes.configs.prune_magnitude import PruneMagnitudeConfig, RoundDistillConfig
 from llmshrink.registry import get_pass
-from llmshrink.targeting import check_tied, find_targets, replace_module, require_causal_lm, untie
+from llmshrink.targeting import find_targets, replace_module, require_causal_lm, untie_targets
 
 
 def cubic_schedule(initial: float, final: float, rounds: int) -> list[float]:
@@ -50,9 +50,9 @@ def smallest(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, float | No
 
 def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
     targets = find_targets(model, cfg.targets, cfg.exclude, cfg.layers)
-    untied = check_tied(model, targets, cfg.tied_embeddings, "prune_magnitude", "prune it")
     if cfg.schedule == "gradual":
         require_causal_lm(model, "prune_magnitude.schedule: gradual distils between rounds", "use schedule: one_shot")
+    untied = untie_targets(model, targets, cfg.tied_embeddings, "prune_magnitude", "prune it")
     names = [name for name, _ in targets]
     before = {name: (list(dense_weight(m).shape), dense_weight(m).numel() * dense_weight(m).element_size())
               for name, m in targets}
@@ -60,8 +60,6 @@ def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
         schedule = [cfg.sparsity]
     else:
         schedule = cubic_schedule(cfg.initial_sparsity, cfg.sparsity, cfg.prune_steps)
-    for name in untied:
-        untie(model, name)
     rounds, thresholds = [], {}
     work_dir = ctx.work_dir
     try:
@@ -87,7 +85,7 @@ def apply(model, cfg: PruneMagnitudeConfig, ctx: Context) -> PassRecord:
                 )
                 if ctx.evaluate is not None and t < len(schedule):  # the engine measures after the last
                     step[ctx.evaluate_name] = ctx.evaluate(model)
-                    ctx.log(f"prune_magnitude: perplexity after round {t}: {step['perplexity']:.2f}")
+                    ctx.log(f"prune_magnitude: {ctx.evaluate_name} after round {t}: {step[ctx.evaluate_name]:.2f}")
             rounds.append(step)
     finally:
         ctx.work_dir = work_dir

@@ -30,6 +30,7 @@ from llmshrink.distill.task_training import (
     encode_examples,
     is_classifier,
     last_hidden,
+    pooled,
     progress_line,
     text_pieces,
     train_on_examples,
@@ -225,7 +226,7 @@ def _components(s_out, projected: dict[int, torch.Tensor], t_out, mask: torch.Te
     if "embedding" in weights:
         last = len(pairs) - 1
         s_emb = mean_pool(projected.get(last, last_hidden(s_out)), mask).float()
-        parts["embedding"] = F.mse_loss(s_emb, mean_pool(last_hidden(t_out), mask).float())
+        parts["embedding"] = F.mse_loss(s_emb, pooled(t_out, mask))
     if "hidden" in weights:
         parts["hidden"] = torch.stack([
             hidden_loss(projected.get(m, s_out.hidden_states[m]), t_out.hidden_states[g], mask) for m, g in pairs
