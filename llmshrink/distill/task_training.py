@@ -114,8 +114,3 @@ def check_encoder(model: nn.Module, what: str) -> None:
 def frozen_copy(model: nn.Module) -> nn.Module:
     """An independent copy that cannot train: requires_grad off everywhere, eval mode."""
     return copy.deepcopy(model).requires_grad_(False).eval()
-
-
-def progress_line(what: str, result: TrainResult) -> str:
-    return (f"{what}: loss {result.first_loss:.4f} -> {result.last_loss:.4f} over {result.steps} steps, "
-            f"{result.tokens:,} examples in {result.seconds:.1f}s")

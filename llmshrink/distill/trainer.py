@@ -62,10 +62,11 @@ class TrainResult:
                 "tokens_per_s": round(self.tokens_per_s, 1), "first_loss": self.first_loss,
                 "last_loss": self.last_loss, "final_parts": self.last_parts}
 
-    def log_line(self, what: str) -> str:
-        """`what` (e.g. "distill: loss"), then the first and last loss, tokens, time and throughput."""
-        return (f"{what} {self.first_loss:.4f} -> {self.last_loss:.4f}, {self.tokens:,} tokens in "
-                f"{self.seconds:.1f}s ({self.tokens_per_s:.0f} tokens/s)")
+    def log_line(self, what: str, unit: str = "tokens") -> str:
+        """`what` (e.g. "distill: loss"), then the first and last loss, what was seen (`tokens` counts `unit`:
+        the task passes count examples), time and throughput."""
+        return (f"{what} {self.first_loss:.4f} -> {self.last_loss:.4f}, {self.tokens:,} {unit} in "
+                f"{self.seconds:.1f}s ({self.tokens_per_s:.0f} {unit}/s)")
 
 
 class FrozenTeacher(nn.Module):

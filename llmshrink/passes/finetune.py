@@ -24,7 +24,6 @@ from llmshrink.distill.task_training import (
     frozen_copy,
     is_classifier,
     pooled,
-    progress_line,
     train_on_examples,
 )
 from llmshrink.distill.training_modes import trainable_params
@@ -53,7 +52,7 @@ def apply(model: nn.Module, cfg: FinetuneConfig, ctx: Context) -> PassRecord:
         ctx.log(f"finetune: {cfg.steps} steps on {len(examples)} {kind} examples, "
                 f"{sum(p.numel() for p in params):,} trainable params")
         result = train_on_examples(model, examples, loss_fn, options, desc="finetune")
-    ctx.log(progress_line("finetune", result))
+    ctx.log(result.log_line("finetune: loss", unit="examples"))
     score = train_score(model, ctx.tokenizer, examples, kind, cfg.batch_size, cfg.max_length)
     # Later passes distil from the fine-tuned model: a copy, so that they change the model and not the teacher.
     ctx.teacher = frozen_copy(model)

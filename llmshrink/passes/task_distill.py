@@ -31,7 +31,6 @@ from llmshrink.distill.task_training import (
     is_classifier,
     last_hidden,
     pooled,
-    progress_line,
     text_pieces,
     train_on_examples,
 )
@@ -128,7 +127,7 @@ def apply(model: nn.Module, cfg: TaskDistillConfig, ctx: Context) -> PassRecord:
             result = train_on_examples(student, examples, loss_fn, cfg.trainer_options("task_distill", ctx),
                                        teacher=teacher, desc="task_distill")
         end = _measure(run, student, teacher, measured, cfg.batch_size)
-    ctx.log(progress_line("task_distill", result))
+    ctx.log(result.log_line("task_distill: loss", unit="examples"))
     ctx.log("task_distill: " + ", ".join(f"{k} {start[k]:.4f} -> {end[k]:.4f}" for k in start))
     return {
         "text": cfg.text,
