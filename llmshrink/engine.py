@@ -134,8 +134,10 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
     base.update(evaluator.tasks(teacher, "base", log))
 
     log(f"[{next(step)}/{steps}] evaluate compressed model")
-    known = stage_rows[-1].get("perplexity") if stage_rows else None  # (decoders: the last stage measured it)
-    compressed = evaluator.measure(model, "compressed", log, known_ppl=known)
+    # The last stage row measured it: a decoder's perplexity, an encoder's primary task score (its other scores
+    # came with it: the Evaluator reuses them).
+    known = stage_rows[-1].get(evaluator.quality_name) if stage_rows else None
+    compressed = evaluator.measure(model, "compressed", log, known=known)
     compressed["compress_seconds"] = sum(row["seconds"] for row in stage_rows)
     compressed.update(evaluator.tasks(model, "compressed", log))
     manifest = {

@@ -36,7 +36,13 @@ def pairs_file(tmp_path, split: str, count: int):
     return path
 
 
-def test_an_embedding_model_is_pruned_scored_on_its_task_and_saved_for_sentence_transformers(tmp_path, capsys):
+def test_an_embedding_model_is_pruned_scored_on_its_task_and_saved_for_sentence_transformers(tmp_path, capsys,
+                                                                                            monkeypatch):
+    from llmshrink.eval.encoder_eval import EncoderTask
+
+    scored = []
+    scores = EncoderTask.scores
+    monkeypatch.setattr(EncoderTask, "scores", lambda self, model: scored.append(model) or scores(self, model))
     base = bert_dir(tmp_path)
     for split, count in (("train", 24), ("test", 40)):
         pairs_file(tmp_path, split, count)
@@ -63,6 +69,8 @@ output: {{dir: '{out}'}}
     assert manifest["checks"]["reload_max_abs_logit_diff"] == 0.0
     assert [row["stage"] for row in manifest["stages"]] == ["0:prune_ffn", "1:prune_heads"]
     assert all("spearman" in row for row in manifest["stages"])
+    # Scored once per stage row and once for the base: the compressed model's scores are the last row's.
+    assert len(scored) == 3 and compressed["spearman"] == manifest["stages"][-1]["spearman"]
     assert "spearman" in (out / "report.md").read_text()
     assert "pipeline_tag: feature-extraction" in (out / "README.md").read_text()
 

@@ -78,7 +78,7 @@ def test_classifier_scores_are_hand_counted(classification):
                           tiny_tokenizer(), torch.device("cpu"))
     assert not evaluator.has_perplexity and evaluator.has_quality and evaluator.quality_name == "accuracy"
     model = always(1)
-    metrics = evaluator.measure(model, "base", print, known_ppl=123.0)  # known_ppl: a decoder's, ignored
+    metrics = evaluator.measure(model, "base", print, known=123.0)  # no quality() gave 123.0: scored
     # 3 of 5 right; class 1: precision 3/5, recall 1 -> F1 0.75; constant predictions: MCC 0.
     assert metrics["accuracy"] == pytest.approx(0.6) and metrics["f1"] == pytest.approx(0.75)
     assert metrics["matthews_corrcoef"] == 0.0
@@ -97,6 +97,22 @@ def test_classifier_scores_are_hand_counted(classification):
     three = Evaluator(_recipe(classification, "sequence_classification"), tiny_tokenizer(), torch.device("cpu"))
     scores = three.measure(always(1, num_labels=3), "compressed", print)
     assert scores["macro_f1"] == pytest.approx(0.375) and "f1" not in scores
+
+
+def test_measure_reuses_the_scores_of_the_last_quality_of_that_model(classification, monkeypatch):
+    evaluator = Evaluator(_recipe(classification, "sequence_classification"), tiny_tokenizer(), torch.device("cpu"))
+    calls = []
+    scores = evaluator.encoder.scores
+    monkeypatch.setattr(evaluator.encoder, "scores", lambda m: calls.append(m) or scores(m))
+    model, other = always(1), always(0)
+    known = evaluator.quality(model)  # the last stage row's
+    metrics = evaluator.measure(model, "compressed", print, known=known)
+    assert len(calls) == 1 and metrics["accuracy"] == known == pytest.approx(0.6) and metrics["f1"] == 0.75
+    assert evaluator.measure(other, "base", print, known=known)["accuracy"] == pytest.approx(0.4)  # another model
+    assert evaluator.measure(model, "base", print)["accuracy"] == known and len(calls) == 3  # no known: scored
+    evaluator.quality(model)
+    evaluator.quality(other)  # the last quality() scored another model: scored again
+    assert evaluator.measure(model, "compressed", print, known=known)["f1"] == 0.75 and len(calls) == 6
 
 
 def test_latency_batch_defaults_to_32_for_encoders(classification):
@@ -149,7 +165,8 @@ def test_outputs_are_logits_else_last_hidden_state(classification, similarity, t
     encoder_eval = Evaluator(_recipe(similarity, "embedding"), tiny_tokenizer(), torch.device("cpu"))
     model = tiny_encoder().train()  # outputs() runs in eval mode and gives the mode back
     inputs = encoder_eval.probe_inputs()
-    assert inputs["input_ids"].shape[0] == 4 and torch.equal(encoder_eval.probe_ids(), inputs["input_ids"])
+    assert inputs["input_ids"].shape[0] == 4  # the first four task texts, padded
+    assert torch.equal(inputs["input_ids"], encoder_eval.encoder.batch(4)["input_ids"])
     assert "attention_mask" in inputs
     with torch.no_grad():
         expected = model.eval()(**inputs).last_hidden_state
@@ -169,7 +186,7 @@ def test_outputs_are_logits_else_last_hidden_state(classification, similarity, t
     assert decoder_eval.quality_name == "perplexity" and decoder_eval.has_quality
     assert decoder_eval.quality(llama) == decoder_eval.perplexity(llama)
     with torch.no_grad():
-        assert torch.equal(decoder_eval.outputs(llama), llama(decoder_eval.probe_ids()).logits)
+        assert torch.equal(decoder_eval.outputs(llama), llama(**decoder_eval.probe_inputs()).logits)
 
 
 BASE = {"params": 1000, "size_bytes": 4_000_000, "accuracy": 0.9, "f1": 0.8, "matthews_corrcoef": 0.75,
@@ -221,7 +238,7 @@ def test_memory_of_an_encoder_loads_it_for_its_task(tmp_path, similarity):
     recipe = _recipe(similarity, "embedding").model_copy(update={"model": ModelSpec(id=str(directory),
                                                                                     task="embedding")})
     evaluator = Evaluator(recipe, tiny_tokenizer(), torch.device("cpu"))
-    measured = evaluator.memory(str(directory), torch.device("cpu"))  # the base's id: loaded as its ModelSpec
+    measured = evaluator.memory(recipe.model, torch.device("cpu"))  # the base: its ModelSpec, as the engine passes
     assert set(measured) == {"peak_ram_load_mb", "peak_ram_forward_mb"}
     assert 0 < measured["peak_ram_load_mb"] <= measured["peak_ram_forward_mb"]
     assert evaluator.protocols["memory"]["batch_size"] == 32 and "forward" in evaluator.protocols["memory"]["how"]

@@ -20,7 +20,7 @@ def test_tied_embeddings_are_recorded_per_measured_model(tiny_text):
     base, compressed = tiny_llama(), tiny_llama()
     compressed.lm_head.weight = torch.nn.Parameter(compressed.lm_head.weight.detach().clone())  # untied
     # The compressed model is measured first (its perplexity after the last stage), the base after it.
-    evaluator.measure(compressed, "compressed", print, known_ppl=evaluator.perplexity(compressed))
+    evaluator.measure(compressed, "compressed", print, known=evaluator.perplexity(compressed))
     evaluator.measure(base, "base", print)
     protocol = evaluator.protocol
     assert protocol["tied_embeddings"] == {"compressed": False, "base": True}

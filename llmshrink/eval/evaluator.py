@@ -24,7 +24,7 @@ class Evaluator:
         self.vocab_size = len(tokenizer)
         # An encoder (model.task other than causal_lm) is scored on its task: (eval/encoder_eval.py); the
         # language-model measurements' defaults (perplexity) are off for it (recipe.check_task refuses them set).
-        self.encoder, self.model_spec = None, recipe.model
+        self.encoder = None
         if recipe.model.task != "causal_lm":
             from llmshrink.eval.encoder_eval import EncoderTask
 
@@ -43,6 +43,7 @@ class Evaluator:
         self.protocols: dict = {}  # the other measurements: macs, memory, lm_eval, generation; task, latency
         if self.encoder is not None:
             self.protocols["task"] = self.encoder.protocol
+        self._scored: tuple | None = None  # (model, its task scores): an encoder's last quality(), see measure
 
     @property
     def quality_name(self) -> str:
@@ -56,9 +57,11 @@ class Evaluator:
 
     def quality(self, model) -> float:
         """The one number of a stage row (and ctx.evaluate): perplexity of a decoder, the task's primary metric
-        (accuracy, spearman) of an encoder."""
+        (accuracy, spearman) of an encoder, whose other scores measure(known=) may reuse."""
         if self.encoder is not None:
-            return self.encoder.scores(model)[self.encoder.primary]
+            scores = self.encoder.scores(model)
+            self._scored = (model, scores)
+            return scores[self.encoder.primary]
         return self.perplexity(model)
 
     @property
@@ -96,17 +99,21 @@ class Evaluator:
         self._datasets[spec.label] = {**protocol, "domain": spec.domain}
         return result.ppl, protocol
 
-    def measure(self, model, which: str, log, known_ppl: float | None = None) -> dict:
-        """The metrics of `model`, recorded as `which` ("base" or "compressed") in the protocol."""
+    def measure(self, model, which: str, log, known: float | None = None) -> dict:
+        """The metrics of `model`, recorded as `which` ("base" or "compressed") in the protocol.
+
+        `known`: the quality() of `model` as it is now (the last stage row's), reused instead of measured again:
+        a decoder's perplexity; an encoder's task scores of that quality() call, when it was the last one and
+        scored this very model to that value (else the scores are measured)."""
         from llmshrink.eval.latency import measure_latency
         from llmshrink.eval.size import has_tied_embeddings, safetensors_bytes
 
         metrics = {"params": self.params(model), "size_bytes": safetensors_bytes(model)}
         if self.encoder is not None:
-            return {**metrics, **self._measure_encoder(model, log)}
+            return {**metrics, **self._measure_encoder(model, log, known)}
         if self.has_perplexity:
             self.tied[which] = has_tied_embeddings(model)
-            metrics["perplexity"] = known_ppl if known_ppl is not None else self.perplexity(model)
+            metrics["perplexity"] = known if known is not None else self.perplexity(model)
             if self.named:
                 by_name = {self.specs[0].label: metrics["perplexity"]}
                 by_name.update({spec.label: self._dataset_perplexity(model, spec)[0] for spec in self.specs[1:]})
@@ -126,9 +133,14 @@ class Evaluator:
             metrics.update(self.macs(model, log))
         return metrics
 
-    def _measure_encoder(self, model, log) -> dict:
-        """Task scores, latency per batch and MACs per token of an encoder (known_ppl does not apply)."""
-        metrics = self.encoder.scores(model)
+    def _measure_encoder(self, model, log, known: float | None) -> dict:
+        """Task scores (those of the last quality() where `known` is its value on this model), latency per batch
+        and MACs per token of an encoder."""
+        scored, scores = self._scored or (None, None)
+        if known is not None and scored is model and scores[self.encoder.primary] == known:
+            metrics = dict(scores)
+        else:
+            metrics = self.encoder.scores(model)
         log("  " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if self.spec.latency is not None:
             timing, self.protocols["latency"] = self.encoder.latency(model, self.spec.latency)
@@ -196,8 +208,6 @@ class Evaluator:
         if self.encoder is not None:
             from llmshrink.eval.encoder_eval import latency_batch_size
 
-            if isinstance(model_or_dir, str) and model_or_dir == self.model_spec.id:
-                model_or_dir = self.model_spec  # the base: loaded for its task, not as a causal LM
             size = latency_batch_size(lat)
             tokens = int(self.encoder.batch(size)["input_ids"].shape[1])
             measured = measure_memory(model_or_dir, tokens, 1, size, str(device), forward_only=True)
@@ -213,20 +223,14 @@ class Evaluator:
         return {"peak_ram_load_mb": measured["peak_rss_load_mb"],
                 "peak_ram_generate_mb": measured["peak_rss_generate_mb"]}
 
-    def probe_ids(self) -> torch.Tensor:
-        """Token ids of the reload check: a decoder's first 64 evaluation tokens (1, 64); an encoder's first
-        task texts, padded (probe_inputs() has their attention mask)."""
-        if self.encoder is not None:
-            return self.encoder.probe_inputs()["input_ids"]
-        ids = self.ids[:64] if self.ids is not None else torch.arange(16) % self.vocab_size
-        return ids.unsqueeze(0).to(self.device)
-
     def probe_inputs(self) -> dict[str, torch.Tensor]:
-        """The keyword inputs of the reload check's forward: {"input_ids"} of a decoder; an encoder's padded
-        task texts with their attention mask (and token_type_ids where the tokenizer gives them)."""
+        """The keyword inputs of the reload check's forward: {"input_ids"} of a decoder, its first 64 evaluation
+        tokens (1, 64); an encoder's first task texts, padded, with their attention mask (and token_type_ids
+        where the tokenizer gives them)."""
         if self.encoder is not None:
             return self.encoder.probe_inputs()
-        return {"input_ids": self.probe_ids()}
+        ids = self.ids[:64] if self.ids is not None else torch.arange(16) % self.vocab_size
+        return {"input_ids": ids.unsqueeze(0).to(self.device)}
 
     def outputs(self, model) -> torch.Tensor:
         """What the reload check compares: the model's logits on probe_inputs(), else (a bare encoder) its
