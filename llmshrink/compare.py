@@ -31,7 +31,7 @@ from llmshrink.compare_protocols import (
     protocols_of,
 )
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.report import BY_DATASET, METRIC_KEYS, MISSING, format_metric, ratio
+from llmshrink.eval.report import BY_DATASET, METRIC_KEYS, MISSING, PRIMARY_TASK_KEYS, format_metric, ratio
 from llmshrink.fileio import atomic_write_text
 from llmshrink.pareto_plot import X_KEY, save_pareto_png
 
@@ -52,7 +52,7 @@ _SCORE_PREFIXES = ("acc", "rouge", "bleu", "pass@")
 
 
 # What `compare` plots by default for encoders, which have no perplexity (their evaluator's primary scores).
-ENCODER_SCORES = ("accuracy", "spearman")
+ENCODER_SCORES = PRIMARY_TASK_KEYS
 
 
 def higher_is_better(metric: str) -> bool | None:
@@ -243,12 +243,11 @@ _MAIN_COLUMNS = {"params", X_KEY, "perplexity", "decode_tokens_per_s", "compress
 
 
 def _perplexity_keys(rows: list[Row]) -> list[str]:
-    """A column per named perplexity dataset present; plain perplexity where a row has no names (or none has)."""
+    """A column per named perplexity dataset present; plain perplexity where a row has it without names. None
+    for encoders: scored on their task, shown as the plotted metric's column."""
     named = list(dict.fromkeys(k for r in rows for k in r.metrics if k.startswith(f"{BY_DATASET}/")))
     unnamed = any("perplexity" in r.metrics and not any(k in r.metrics for k in named) for r in rows)
-    if not named and not any("perplexity" in r.metrics for r in rows):
-        return []  # encoders: scored on their task, shown as the plotted metric's column
-    return (["perplexity"] if unnamed or not named else []) + named
+    return (["perplexity"] if unnamed else []) + named
 
 
 def _main_table(rows: list[Row], metric: str) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 
 from llmshrink.distill.trainer import TrainResult, train
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.task_eval import mean_pool
+from llmshrink.eval.task_eval import last_hidden, mean_pool
 from llmshrink.task_data import Example
 
 # loss_fn(student, frozen teacher or None, the micro-batch's examples) -> (loss, detached parts for logging)
@@ -79,13 +79,6 @@ def text_pieces(ids: torch.Tensor, tokenizer, max_length: int) -> list[Example]:
         raise LlmshrinkError(f"the unlabeled text has {len(ids)} tokens, fewer than one piece of {size} "
                              f"(max_length {max_length}); give more text or a smaller max_length")
     return [Example(text=tokenizer.decode(piece), text_pair=None, label=None) for piece in pieces]
-
-
-def last_hidden(outputs) -> torch.Tensor:
-    """The last hidden states: a bare encoder's last_hidden_state, else (a model with a head, run with
-    output_hidden_states=True) its last hidden_states."""
-    hidden = getattr(outputs, "last_hidden_state", None)
-    return hidden if hidden is not None else outputs.hidden_states[-1]
 
 
 def pooled(outputs, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -20,16 +20,21 @@ import time
 
 import torch
 
+from llmshrink.eval.latency import sync_device
+from llmshrink.eval.report import TASK_METRICS  # the task scores each kind gives, the primary one first
 from llmshrink.eval.specs import LatencySpec
-from llmshrink.eval.task_eval import MAX_LENGTH, evaluate_classification, evaluate_similarity, evaluating
+from llmshrink.eval.task_eval import (
+    MAX_LENGTH,
+    encode_texts,
+    evaluate_classification,
+    evaluate_similarity,
+    evaluating,
+)
 from llmshrink.task_data import Example, TaskSpec, load_examples
 
 ENCODER_BATCH_SIZE = 32  # latency batch when evaluate.latency.batch_size is not set
 SCORE_BATCH_SIZE = 32  # batches of the task scoring (the scores do not depend on it)
 PROBE_EXAMPLES = 4  # texts of the reload check
-# The task scores each kind gives, the primary one (stage rows, quality()) first.
-TASK_METRICS = {"classification": ("accuracy", "f1", "macro_f1", "matthews_corrcoef"),
-                "similarity": ("spearman", "pearson")}
 
 
 def latency_batch_size(latency: LatencySpec) -> int:
@@ -67,14 +72,10 @@ class EncoderTask:
         if self.task.kind == "classification":
             chosen = [self.examples[i % len(self.examples)] for i in range(size)]
             pairs = [e.text_pair for e in chosen] if chosen[0].text_pair is not None else None
-            return self._encode([e.text for e in chosen], pairs)
+            return encode_texts(self.tokenizer, [e.text for e in chosen], pairs, self.max_length, self.device)
         texts = [t for e in self.examples for t in (e.text, e.text_pair) if t is not None]
-        return self._encode([texts[i % len(texts)] for i in range(size)], None)
-
-    def _encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return encode_texts(self.tokenizer, [texts[i % len(texts)] for i in range(size)], None, self.max_length,
+                       self.device)
 
     def latency(self, model, latency: LatencySpec, warmup: int = 1) -> tuple[dict, dict]:
         """({"batch_ms", "examples_per_s"}, protocol): the mean of `repeats` timed forwards after `warmup`."""
@@ -84,10 +85,10 @@ class EncoderTask:
         seconds = []
         with evaluating(model):
             for i in range(warmup + latency.repeats):
-                _sync(device)
+                sync_device(device)
                 start = time.perf_counter()
                 model(**batch)
-                _sync(device)
+                sync_device(device)
                 if i >= warmup:
                     seconds.append(time.perf_counter() - start)
         mean = sum(seconds) / len(seconds)
@@ -121,9 +122,4 @@ def model_outputs(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model(**inputs)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 

@@ -50,7 +50,7 @@ def _vocab_size(model: nn.Module, tokenizer_or_vocab_size) -> int:
     return min(vocab, model_vocab) if isinstance(model_vocab, int) else vocab
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -63,7 +63,7 @@ class _StepClock:
         self.device, self.times = device, []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        _sync(self.device)
+        sync_device(self.device)
         self.times.append(time.perf_counter())
         return scores
 
@@ -110,10 +110,10 @@ def measure_latency(
     decode_s: list[float] = []
     try:
         for i in range(warmup + repeats):
-            _sync(device)
+            sync_device(device)
             with timed() as t_prefill:
                 model(input_ids=input_ids, attention_mask=attention_mask)
-                _sync(device)
+                sync_device(device)
             clock = _StepClock(device)
             out = model.generate(input_ids, logits_processor=LogitsProcessorList([clock]), **gen_kwargs)
             if out.shape[1] != prompt_tokens + made or len(clock.times) != made:

@@ -55,18 +55,19 @@ from llmshrink.fileio import atomic_write_text
 
 MISSING = "-"
 BY_DATASET = "perplexity_by_dataset"  # {name: perplexity} of a recipe with several datasets
+# The task scores an encoder gets for each task kind (task_data.TaskKind), the primary one (stage rows, the
+# Evaluator's quality()) first: the one table of them (eval/encoder_eval.py scores them, compare.py plots the
+# primary ones). Here, in a module without torch or pydantic.
+TASK_METRICS = {"classification": ("accuracy", "f1", "macro_f1", "matthews_corrcoef"),
+                "similarity": ("spearman", "pearson")}
+PRIMARY_TASK_KEYS = tuple(keys[0] for keys in TASK_METRICS.values())  # accuracy, spearman
 METRIC_KEYS = (
     "params",
     "size_bytes",
     "macs_per_token",
     "decode_macs_per_token",
     "perplexity",
-    "accuracy",
-    "f1",
-    "macro_f1",
-    "matthews_corrcoef",
-    "spearman",
-    "pearson",
+    *(key for keys in TASK_METRICS.values() for key in keys),
     "decode_tokens_per_s",
     "decode_ms_per_token",
     "prefill_ms",
@@ -81,8 +82,8 @@ METRIC_KEYS = (
 COMPRESSED_ONLY = {"compress_seconds"}
 # The scores a `generation` result may hold (0-100); its other keys (samples, ...) are not metrics.
 GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "meteor")
-# An encoder's task scores (eval/encoder_eval.TASK_METRICS), the primary ones (quality_name) first.
-TASK_KEYS = ("accuracy", "spearman", "f1", "macro_f1", "matthews_corrcoef", "pearson")
+# An encoder's task scores (TASK_METRICS), the primary ones (quality_name) first.
+TASK_KEYS = (*PRIMARY_TASK_KEYS, *(key for keys in TASK_METRICS.values() for key in keys[1:]))
 ENCODER_KEYS = (*TASK_KEYS, "batch_ms", "examples_per_s", "peak_ram_forward_mb")
 DECODER_KEYS = {"perplexity", "decode_tokens_per_s", "prefill_ms"}  # optional in an encoder's table
 OPTIONAL = {"macs_per_token", "decode_macs_per_token", "decode_ms_per_token", "peak_ram_load_mb",

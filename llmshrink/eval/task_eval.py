@@ -22,11 +22,18 @@ from llmshrink.task_data import Example
 MAX_LENGTH = 256  # tokens per text; sentence-transformers' max_seq_length for all-MiniLM-L6-v2
 
 
-def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, hidden): the mean of `last_hidden` (batch, seq, hidden) over positions where the mask is 1."""
-    mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
+def last_hidden(outputs) -> torch.Tensor:
+    """The last hidden states: a bare encoder's last_hidden_state, else (a model with a head, run with
+    output_hidden_states=True) its last hidden_states."""
+    hidden = getattr(outputs, "last_hidden_state", None)
+    return hidden if hidden is not None else outputs.hidden_states[-1]
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, width): the mean of `hidden` (batch, seq, width) over positions where the mask is 1."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     # The clamp only matters for an all-padding row, which then pools to zeros instead of NaN.
-    return (last_hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
 def sentence_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 32,
@@ -38,14 +45,12 @@ def sentence_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int 
     """
     _check_batch(batch_size)
     chunks = []
+    device = next(model.parameters()).device
     with evaluating(model):
         for start in range(0, len(texts), batch_size):
-            batch = _encode(tokenizer, list(texts[start:start + batch_size]), None, max_length, model)
+            batch = encode_texts(tokenizer, list(texts[start:start + batch_size]), None, max_length, device)
             outputs = model(**batch, output_hidden_states=True)
-            hidden = getattr(outputs, "last_hidden_state", None)
-            if hidden is None:
-                hidden = outputs.hidden_states[-1]
-            chunks.append(mean_pool(hidden, batch["attention_mask"]).float().cpu())
+            chunks.append(mean_pool(last_hidden(outputs), batch["attention_mask"]).float().cpu())
     if not chunks:
         raise LlmshrinkError("task: no texts to embed")
     return torch.cat(chunks)
@@ -60,12 +65,13 @@ def evaluate_classification(model, tokenizer, examples: Sequence[Example], batch
         raise LlmshrinkError("task: no examples to evaluate")
     predictions: list[int] = []
     classes = None
+    device = next(model.parameters()).device
     with evaluating(model):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             pairs = [e.text_pair for e in chunk]
-            batch = _encode(tokenizer, [e.text for e in chunk], pairs if pairs[0] is not None else None,
-                            max_length, model)
+            batch = encode_texts(tokenizer, [e.text for e in chunk], pairs if pairs[0] is not None else None,
+                            max_length, device)
             logits = model(**batch).logits
             classes = logits.shape[-1]
             predictions += logits.argmax(dim=-1).tolist()
@@ -107,9 +113,10 @@ def _check_batch(batch_size: int) -> None:
         raise LlmshrinkError(f"task: batch_size: expected int >= 1, got {batch_size}")
 
 
-def _encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int, model) -> dict:
+def encode_texts(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """`texts` (and their `pairs`) as one batch padded to the longest, cut at max_length, on `device`."""
     batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    device = next(model.parameters()).device
     return {k: v.to(device) for k, v in batch.items()}
 
 

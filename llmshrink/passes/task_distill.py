@@ -29,7 +29,6 @@ from llmshrink.distill.task_training import (
     check_encoder,
     encode_examples,
     is_classifier,
-    last_hidden,
     pooled,
     text_pieces,
     train_on_examples,
@@ -43,7 +42,7 @@ from llmshrink.distill.tinybert_losses import (
 )
 from llmshrink.distill.training_modes import eager_attention, trainable_params
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.task_eval import mean_pool
+from llmshrink.eval.task_eval import last_hidden, mean_pool
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.task_distill import TaskDistillConfig
 from llmshrink.task_data import Example
