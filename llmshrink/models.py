@@ -26,6 +26,7 @@ from llmshrink.builtin_models import (
     installed_gguf,
     installed_model_dir,
 )
+from llmshrink.checkpoint_files import first_few
 from llmshrink.encoders import TASK_AUTO_CLASS, adopt_sentence_max_length, check_task
 from llmshrink.errors import LlmshrinkError, did_you_mean, first_line
 from llmshrink.specs import ModelSpec
@@ -217,8 +218,7 @@ def _new_weight_notes(info: dict, spec: ModelSpec) -> list[str]:
     fresh = sorted(set(info.get("missing_keys") or ()) | {k for k, *_ in info.get("mismatched_keys") or ()})
     if spec.task == "causal_lm" or not fresh:
         return []
-    shown = ", ".join(fresh[:4]) + (", ..." if len(fresh) > 4 else "")
-    return [f"{len(fresh)} weight(s) not in the base model start from a seeded random init ({shown})"]
+    return [f"{len(fresh)} weight(s) not in the base model start from a seeded random init ({first_few(fresh, 4)})"]
 
 
 def _check_weight_files(path: Path) -> None:

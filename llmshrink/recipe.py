@@ -144,9 +144,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     return LoadedRecipe(recipe, stages, path, text)
 
 
-# The file types distill.data reads from a local path; another source that is no existing path is a hub id.
-
-
 def check_local_files(recipe: Recipe, file: str) -> None:
     """The files and built-in names the recipe reads exist now, rather than after the model has loaded
     and a stage has run. Relative paths resolve against the current directory, as `apply` reads them."""

@@ -93,7 +93,11 @@ class Example:
 def load_examples(spec: TaskSpec, split: str | None = None) -> list[Example]:
     """The examples of `split` (default: spec.split), in source order, cut to spec.max_examples."""
     split = spec.split if split is None else split
-    rows, columns, where = _rows(spec, split)
+    return _examples(spec, *_rows(spec, split))
+
+
+def _examples(spec: TaskSpec, rows: list[dict], columns: list[str], where: str) -> list[Example]:
+    """The checked examples of one split's rows (as _rows gives them)."""
     wanted = [spec.text, spec.label_column] + ([spec.pair_column] if spec.pair_column else [])
     for name, column in zip(("text", "label", "text_pair"), wanted, strict=False):
         if column not in columns:
@@ -120,10 +124,14 @@ def label_names(spec: TaskSpec, split: str | None = None) -> tuple[str, ...]:
         return builtin.label_names
     split = spec.split if split is None else split
     if _local_path(spec, split) is None:
-        names = _class_names(_load_hub(spec, split), spec.label_column)
+        dataset = _load_hub(spec, split)  # loaded once: its ClassLabel names, else its examples
+        names = _class_names(dataset, spec.label_column)
         if names:
             return names
-    top = max(int(e.label) for e in load_examples(spec, split))
+        examples = _examples(spec, *_dataset_rows(spec, dataset, _hub_where(spec, split)))
+    else:
+        examples = load_examples(spec, split)
+    top = max(int(e.label) for e in examples)
     return tuple(str(i) for i in range(top + 1))
 
 
@@ -137,7 +145,6 @@ def num_labels(spec: TaskSpec, split: str | None = None) -> int:
 
 def _rows(spec: TaskSpec, split: str) -> tuple[list[dict], list[str], str]:
     """(rows, column names, how to name the source in a message) of one split, cut to spec.max_examples."""
-    limit = spec.max_examples
     builtin = _builtin(spec)
     if builtin is not None:
         key = SPLIT_ALIASES.get(split, split)
@@ -145,17 +152,23 @@ def _rows(spec: TaskSpec, split: str) -> tuple[list[dict], list[str], str]:
             allowed = ", ".join([*builtin.files, *SPLIT_ALIASES])
             raise LlmshrinkError(f"task.split: {spec.source} has no split {split!r}; allowed: {allowed}")
         rows = _read_builtin(builtin.files[key])
-        return list(rows[:limit]), list(rows[0]), f"{spec.source} ({key})"
+        return list(rows[:spec.max_examples]), list(rows[0]), f"{spec.source} ({key})"
     path = _local_path(spec, split)
     if path is None:
-        dataset = _load_hub(spec, split)
-        where = f"{spec.source}{f' ({spec.config})' if spec.config else ''} {split}"
-    else:
-        dataset = _load_local(path)
-        where = str(path)
+        return _dataset_rows(spec, _load_hub(spec, split), _hub_where(spec, split))
+    return _dataset_rows(spec, _load_local(path), str(path))
+
+
+def _dataset_rows(spec: TaskSpec, dataset, where: str) -> tuple[list[dict], list[str], str]:
+    """_rows of a loaded datasets split (hub or local file)."""
+    limit = spec.max_examples
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))  # before rows become Python dicts: hub splits can be large
     return list(dataset), list(dataset.column_names), where
+
+
+def _hub_where(spec: TaskSpec, split: str) -> str:
+    return f"{spec.source}{f' ({spec.config})' if spec.config else ''} {split}"
 
 
 def _builtin(spec: TaskSpec) -> BuiltinTask | None:

@@ -209,6 +209,22 @@ def test_a_dataset_folder_loads_through_the_hub_path_with_class_names(tmp_path):
     assert message.startswith(f"task.source: cannot load dataset {str(folder)!r} split 'test': ")
 
 
+def test_hub_labels_without_class_names_load_the_split_once(tmp_path, monkeypatch):
+    import datasets
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 2, 1]}).to_parquet(str(folder / "test.parquet"))
+    loads = []
+    load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loads.append(a) or load(*a, **k))
+    spec = TaskSpec(kind="classification", source=str(folder))
+    assert label_names(spec) == ("0", "1", "2") and len(loads) == 1  # no ClassLabel: the same load's labels
+    assert label_names(spec.model_copy(update={"max_examples": 2})) == ("0", "1", "2") and len(loads) == 2
+    assert _error(label_names, spec.model_copy(update={"label": "score"})).startswith(
+        "task.label: " + str(folder) + " test has no column 'score'")
+
+
 def test_an_unreachable_hub_dataset_is_one_line():
     spec = TaskSpec(kind="classification", source="llmshrink-no-such-org/no-such-dataset", config="sst2",
                     text="sentence")
