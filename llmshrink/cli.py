@@ -61,6 +61,22 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a recipe field, e.g. --set stages.1.distill.steps=10")
     apply.set_defaults(run=_apply)
 
+    plan = sub.add_parser("plan", parents=[common], help="plan a target: recipe and print it as an ordinary recipe "
+                                                         "(measures, compresses nothing)")
+    plan.add_argument("recipe")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    plan.add_argument("-o", "--output", help="also write the planned recipe to this YAML file")
+    plan.set_defaults(run=_plan)
+
+    sweep = sub.add_parser("sweep", parents=[common], help="apply a target: recipe at several budgets, then compare")
+    sweep.add_argument("recipe")
+    sweep.add_argument("--targets", required=True, help="comma-separated budgets of the recipe's target kind, "
+                                                        "e.g. 0.9,0.8,0.7")
+    sweep.add_argument("-o", "--output", help="directory of the checkpoints and the comparison (default: the "
+                                              "recipe's output.dir)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    sweep.set_defaults(run=_sweep)
+
     evaluate = sub.add_parser("eval", parents=[common], help="run lm-eval tasks on a checkpoint, in memory")
     evaluate.add_argument("path", help="checkpoint directory (the output of apply)")
     evaluate.add_argument("--tasks", required=True,
@@ -85,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     direction.add_argument("--higher-is-better", dest="higher_better", action="store_const", const=True)
     direction.add_argument("--lower-is-better", dest="higher_better", action="store_const", const=False)
     compare.set_defaults(run=_compare)
+
+    export = sub.add_parser("export", parents=[common], help="write a checkpoint as a plain transformers model "
+                                                             "(hf-dense), verified by reloading it")
+    export.add_argument("path", help="checkpoint directory (the output of apply)")
+    export.add_argument("--format", required=True, help=f"one of {', '.join(EXPORT_FORMATS)} "
+                                                        f"({', '.join(EXPORT_PLANNED)}: not built yet)")
+    export.add_argument("-o", "--output", required=True, help="the folder to write (must not exist)")
+    export.set_defaults(run=_export)
 
     push = sub.add_parser("push", parents=[common], help="upload a checkpoint directory to the Hugging Face hub")
     push.add_argument("path", help="checkpoint directory (the output of apply)")
@@ -111,25 +135,74 @@ def _validate(args) -> int:
     loaded = load_recipe(args.recipe, args.overrides)
     names = ", ".join(stage.name for stage in loaded.stages) or "none"
     count = len(loaded.stages)
-    print(f"{args.recipe}: ok ({count} stage{'' if count == 1 else 's'}: {names})")
+    target = loaded.recipe.target
+    planned = f"target {target.kind} {target.value:g}: planned stages first, then " if target else ""
+    print(f"{args.recipe}: ok ({planned}{count} stage{'' if count == 1 else 's'}: {names})")
     return 0
 
 
 def _apply(args) -> int:
+    from llmshrink.engine import run_recipe
+    from llmshrink.recipe import load_recipe
+
+    _quiet_libraries()
+    loaded = load_recipe(args.recipe, args.overrides)
+    run_recipe(loaded, output_dir=args.output)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Long commands: our own progress lines are the log; library chatter and datasets' bars (on stderr, where a
+    failure must be the one line) stay out."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # datasets' progress bars go to stderr, where a failure must be the one line.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if "datasets" in sys.modules:  # imported already (the variable is read at import)
         sys.modules["datasets"].disable_progress_bars()
     from transformers.utils import logging as hf_logging
 
-    from llmshrink.engine import run_recipe
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _plan(args) -> int:
+    from llmshrink.engine import plan_recipe
+    from llmshrink.fileio import atomic_write_text
     from llmshrink.recipe import load_recipe
 
-    hf_logging.set_verbosity_error()  # our own progress lines are the log; keep library chatter out
-    hf_logging.disable_progress_bar()
     loaded = load_recipe(args.recipe, args.overrides)
-    run_recipe(loaded, output_dir=args.output)
+    if args.output and Path(args.output).exists():
+        raise LlmshrinkError(f"--output: {args.output} exists; choose a new file (inputs are never overwritten)")
+    _quiet_libraries()
+    planned, text = plan_recipe(loaded)
+    print()
+    print(format_plan(planned.record))
+    print()
+    print(text, end="")
+    if args.output:
+        atomic_write_text(args.output, text)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def format_plan(record: dict) -> str:
+    """The plan's decisions as a table: block, decision, saving, calibration loss increase (taken alone)."""
+    kind = next(iter(record["target"]))
+    lines = [f"{'block':>5} | {'decision':<34} | {kind + ' saved':>14} | loss increase", f"{'-' * 5}-+-{'-' * 34}-+-"
+             f"{'-' * 14}-+--------------"]
+    for row in record["decisions"]:
+        lines.append(f"{row['block']:>5} | {row['decision']:<34} | {row['saving']:>14,} | {row['loss_increase']:+.4f}")
+    target, predicted = record["target"], record["predicted"]
+    lines.append(f"{kind}: {target['base']:,} -> {predicted[kind]:,} ({predicted[kind] / target['base']:.3f}x; budget "
+                 f"{target['limit']:,}), solver {record['solver']}")
+    return "\n".join(lines)
+
+
+def _sweep(args) -> int:
+    from llmshrink.sweep import parse_targets, sweep
+
+    targets = parse_targets(args.targets)
+    _quiet_libraries()
+    sweep(args.recipe, targets, args.output, args.overrides)
     return 0
 
 
@@ -190,6 +263,26 @@ def _compare(args) -> int:
 
     compare(args.paths, args.output, metric=args.metric, include_base=not args.no_base,
             higher_better=args.higher_better)
+    return 0
+
+
+EXPORT_FORMATS = ("hf-dense",)
+EXPORT_PLANNED = ("gguf", "onnx")
+
+
+def _export(args) -> int:
+    if args.format in EXPORT_PLANNED:
+        raise LlmshrinkError(f"--format: {args.format} is not built yet in this version; available: "
+                             f"{', '.join(EXPORT_FORMATS)}")
+    if args.format not in EXPORT_FORMATS:
+        raise LlmshrinkError(f"--format: {args.format!r} is not a format; allowed: "
+                             f"{', '.join(EXPORT_FORMATS + EXPORT_PLANNED)}")
+    from llmshrink.export.hf_dense import export_hf_dense
+
+    _quiet_libraries()
+    result = export_hf_dense(args.path, args.output)
+    print(f"exported {args.path} -> {args.output} ({args.format}): max |Δlogit| {result['max_abs_logit_diff']:.3g}, "
+          f"top-1 agreement {result['top1_agreement']:.3f}")
     return 0
 
 

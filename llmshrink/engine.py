@@ -7,6 +7,7 @@ passes that ran.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -27,9 +28,12 @@ from llmshrink.eval.size import dir_size
 from llmshrink.fileio import atomic_write_text, make_readable
 from llmshrink.hub import model_card
 from llmshrink.passes.base import Extra, LoadExtra
+from llmshrink.planning.planner import Planned, check_planned, planned_recipe
+from llmshrink.planning.planner import plan as plan_target
 from llmshrink.recipe import LoadedRecipe, Recipe
 from llmshrink.registry import PassSpec, get_pass, passes_run
 from llmshrink.specs import ModelSpec
+from llmshrink.stages import parse_stage
 
 # Inside the work folder (work_dir_for): the stages' resumable state, teacher samples (both kept for a rerun
 # after a failure), the output being written, the passes' extras (save_extra) until it is, and an existing
@@ -39,10 +43,16 @@ SAMPLES_DIR = "teacher-samples"
 STAGING_DIR = "output.partial"
 EXTRA_PREFIX = "extra-"
 PREVIOUS_DIR = "output.previous"
+# Beside a target: recipe's checkpoint: the plan as an ordinary recipe, and the measurements it was made from.
+PLANNED_RECIPE = "planned_recipe.yaml"
+PLAN_FILE = "plan.json"
 
 
-def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -> dict:
+def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print, samples_dir: Path | None = None) -> dict:
     """Apply `loaded` end to end; returns the manifest written to <output>/llmshrink.json.
+
+    `samples_dir`: where teacher samples are cached (default: the work folder, gone after success); runs of one
+    recipe at several settings (sweep) share one, so that the teacher is sampled once.
 
     Everything is written under the hidden work folder (work_dir_for) and the output folder appears by
     one rename once complete and verified; a failed or killed run leaves no output folder (and with
@@ -60,7 +70,7 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     if _is_main_process():
         _clear_leftovers(work_root, out_dir)
     try:
-        manifest = _run(loaded, out_dir, work_root, log)
+        manifest = _run(loaded, out_dir, work_root, log, samples_dir or work_root / SAMPLES_DIR)
     except BaseException:
         if _is_main_process():
             _clear_leftovers(work_root, out_dir)
@@ -70,17 +80,16 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print) -
     return manifest
 
 
-def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
+def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log, samples_dir: Path) -> dict:
     from llmshrink.models import load_base_model  # (transformers' auto classes: imported when needed)
 
     recipe = loaded.recipe
     torch.manual_seed(recipe.seed)
     device = _resolve_device(recipe.device)
-    steps = 5 + len(loaded.stages)
-    step = iter(range(1, steps + 1))
+    step = _Steps(5 + len(loaded.stages) + (recipe.target is not None))
 
     model_spec = _model_spec(recipe)
-    log(f"[{next(step)}/{steps}] load {model_spec.id}")
+    log(f"{step()} load {model_spec.id}")
     base_loaded = load_base_model(model_spec, device=device, log=log)  # may download/convert once (cached)
     model, tokenizer = base_loaded.model, base_loaded.tokenizer
     evaluator = Evaluator(recipe, tokenizer, device)
@@ -91,16 +100,27 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
     teacher = load_base_model(model_spec, device=device, log=log).model
     load_seconds = time.perf_counter() - start
     teacher.requires_grad_(False).eval()
-    ctx = Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log,
-                  samples_dir=work_root / SAMPLES_DIR, teacher_fingerprint=model_spec.model_dump_json(), task=recipe.task)
+    ctx = _context(recipe, model_spec, tokenizer, device, teacher, samples_dir, log)
     if recipe.evaluate.after_each_stage and evaluator.has_quality:
         # passes with inner steps (iterate) report after each
         ctx.evaluate, ctx.evaluate_name = evaluator.quality, evaluator.quality_name
 
+    stages, planned = loaded.stages, None
+    if recipe.target is not None:
+        log(f"{step()} plan for target {recipe.target.kind} {recipe.target.value:g}")
+        planned = plan_target(model, recipe.target, recipe.search, ctx, cache_dir=plan_cache_dir(), log=log)
+        planned_stages = [parse_stage(item, str(loaded.path), f"planned stages[{i}]")
+                          for i, item in enumerate(planned.stages)]
+        stages = planned_stages + stages
+        step.total += len(planned_stages)
+        if not planned_stages:  # the base meets the budget already
+            _check_plan(model, planned, ctx, log)
+        torch.manual_seed(recipe.seed)  # the stages start as they would in the emitted recipe
+
     stage_rows, records = [], []
     with passes_run() as ran:  # the passes that ran, inner ones included, in order: their hooks run below
-        for index, stage in enumerate(loaded.stages):
-            log(f"[{next(step)}/{steps}] {stage.name}")
+        for index, stage in enumerate(stages):
+            log(f"{step()} {stage.name}")
             ctx.work_dir = work_root / f"{STAGE_PREFIX}{index}-{stage.name}"  # resumable state, kept on failure
             start = time.perf_counter()
             record = get_pass(stage.name).apply(model, stage.config, ctx)
@@ -115,6 +135,8 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
                 {"pass": stage.name, "config": stage.config.model_dump(mode="json"), "record": record,
                  "seconds": round(seconds, 3)}
             )
+            if planned is not None and index == len(planned.stages) - 1:
+                _check_plan(model, planned, ctx, log)
 
     ctx.work_dir = None
     for spec in ran:  # after every stage, so that what a pass left on the model was used by the later ones
@@ -128,12 +150,12 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
 
     # The base is the teacher the passes distilled from: the model as loaded, or as a finetune stage left it.
     teacher = ctx.teacher
-    log(f"[{next(step)}/{steps}] evaluate base model")
+    log(f"{step()} evaluate base model")
     base = evaluator.measure(teacher, "base", log)
     base["load_seconds"] = load_seconds
     base.update(evaluator.tasks(teacher, "base", log))
 
-    log(f"[{next(step)}/{steps}] evaluate compressed model")
+    log(f"{step()} evaluate compressed model")
     # The last stage row measured it: a decoder's perplexity, an encoder's primary task score (its other scores
     # came with it: the Evaluator reuses them).
     known = stage_rows[-1].get(evaluator.quality_name) if stage_rows else None
@@ -156,11 +178,16 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
         "evaluation": {"perplexity": evaluator.protocol, **evaluator.protocols},
     }
 
-    log(f"[{next(step)}/{steps}] save {out_dir}")
+    if planned is not None:
+        manifest["plan"] = {key: value for key, value in planned.record.items() if key != "measurements"}
+    log(f"{step()} save {out_dir}")
     staging = work_root / STAGING_DIR
     extras = _write_staging(model, tokenizer, ran, staging, work_root, manifest, loaded, evaluator)
+    if planned is not None:  # the plan as an ordinary recipe, and every measurement behind it
+        atomic_write_text(staging / PLANNED_RECIPE, planned_recipe(loaded.text, planned.stages))
+        atomic_write_text(staging / PLAN_FILE, json.dumps(planned.record, indent=1) + "\n")
 
-    log(f"[{next(step)}/{steps}] verify reload")
+    log(f"{step()} verify reload")
     _verify(model, extras, staging, manifest, evaluator, device, out_dir)
     compressed["size_bytes"] = dir_size(staging, weights_only=True)
     if recipe.evaluate.memory:
@@ -176,6 +203,56 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log) -> dict:
     log(format_table(base, compressed))
     log(f"\nsaved {out_dir} (report: {out_dir / 'report.md'})")
     return manifest
+
+
+def _check_plan(model, planned: Planned, ctx: Context, log) -> None:
+    got = check_planned(model, planned, ctx)
+    log(f"  planned model: {got[planned.kind]:,} {planned.kind} as planned; calibration loss {got['loss']:.4f} "
+        f"measured jointly ({planned.predicted_loss:.4f} estimated)")
+
+
+def plan_recipe(loaded: LoadedRecipe, log=print) -> tuple[Planned, str]:
+    """Plan a target: recipe without compressing: (the plan, the emitted recipe's text). Teacher samples go where
+    `apply` finds them, and the measurements to the plan cache, so a later `apply` repeats neither."""
+    from llmshrink.models import load_base_model
+
+    recipe = loaded.recipe
+    if recipe.target is None:
+        raise LlmshrinkError(f"{loaded.path}: target: has no budget to plan for; add e.g. target: {{params: 0.7}}")
+    torch.manual_seed(recipe.seed)
+    device = _resolve_device(recipe.device)
+    model_spec = _model_spec(recipe)
+    base = load_base_model(model_spec, device=device, log=log)
+    model = base.model.requires_grad_(False).eval()  # planning takes its decisions on copies: it is the teacher too
+    samples_dir = work_dir_for(Path(recipe.output.dir)) / SAMPLES_DIR
+    ctx = _context(recipe, model_spec, base.tokenizer, device, model, samples_dir, log)
+    planned = plan_target(model, recipe.target, recipe.search, ctx, cache_dir=plan_cache_dir(), log=log)
+    return planned, planned_recipe(loaded.text, planned.stages)
+
+
+def plan_cache_dir() -> Path:
+    """Where plan measurements are cached (under LLMSHRINK_CACHE when set)."""
+    from llmshrink.models import cache_root
+
+    return cache_root() / "plans"
+
+
+def _context(recipe: Recipe, model_spec: ModelSpec, tokenizer, device: torch.device, teacher, samples_dir: Path,
+             log) -> Context:
+    return Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log,
+                   samples_dir=samples_dir, teacher_fingerprint=model_spec.model_dump_json(),
+                   task=recipe.task)
+
+
+class _Steps:
+    """"[i/total]" before each step's log line; a plan adds its stages to the total once it is made."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def __call__(self) -> str:
+        self.done += 1
+        return f"[{self.done}/{self.total}]"
 
 
 @dataclass(frozen=True)
@@ -333,8 +410,6 @@ def _model_spec(recipe) -> ModelSpec:
 
 
 def _rewrite_manifest(out_dir: Path, manifest: dict) -> None:
-    import json
-
     path = out_dir / "llmshrink.json"
     saved = json.loads(path.read_text())  # keeps the versions save_checkpoint added
     saved.update(manifest)

@@ -33,6 +33,7 @@ from llmshrink.eval.specs import (  # noqa: F401 (re-exported: the recipe's eval
     LmEvalSpec,
     PerplexitySpec,
 )
+from llmshrink.planning.spec import SearchSpec, TargetSpec, check_planning
 from llmshrink.specs import (
     LOCAL_DATA_SUFFIXES,
     DataSpec,
@@ -66,6 +67,9 @@ class Recipe(Spec):
     task: TaskSpec | None = Field(None, description="encoders: the labeled task they are fine-tuned, distilled "
                                   "and scored on")
     data: TrainingData | None = None
+    target: TargetSpec | None = Field(None, description="a budget: the planner chooses compression stages that meet "
+                                      "it, run before `stages:` (which then hold the recovery)")
+    search: SearchSpec | None = Field(None, description="with target: the decisions the planner may take")
     stages: list[Any] = Field(default_factory=list)
     evaluate: EvaluateSpec = EvaluateSpec()
     output: OutputSpec
@@ -138,6 +142,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     except ValidationError as err:
         raise RecipeError(file, *describe_error(err, Recipe, prefix="", branches=PERPLEXITY_BRANCHES)) from None
     check_task(recipe, file)
+    problem = check_planning(recipe.target, recipe.search, recipe.model.task == "causal_lm")
+    if problem is not None:
+        raise RecipeError(file, *problem)
+    if recipe.target is not None and recipe.data is None:
+        raise RecipeError(file, "data", "required with target: the planner measures each decision on its text")
     stages = [parse_stage(item, file, f"stages[{i}]") for i, item in enumerate(recipe.stages)]
     check_local_files(recipe, file)
     text = yaml.safe_dump(raw, sort_keys=False) if overrides else source

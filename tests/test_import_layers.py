@@ -35,6 +35,7 @@ LAYERS = (
         "llmshrink.errors", "llmshrink.fields", "llmshrink.fileio", "llmshrink.quiet", "llmshrink.version",
         "llmshrink.specs", "llmshrink.corpus", "llmshrink.targeting", "llmshrink.checkpoint_files",
         "llmshrink.lazy_load", "llmshrink.task_data",
+        "llmshrink.planning.spec",  # the recipe's target: and search: sections
         # package __init__s that import nothing of llmshrink
         "llmshrink.eval", "llmshrink.distill", "llmshrink.decompose", "llmshrink.passes",
     )),
@@ -55,6 +56,9 @@ LAYERS = (
         "llmshrink.families", "llmshrink.prune_units",
         "llmshrink.quant_layers", "llmshrink.passes.base",
     )),
+    # Exports of a checkpoint (hf-dense, then gguf, onnx): load it, make it plain, write and verify it in its
+    # runtime; read the families' layouts; used by the CLI.
+    Layer("export", ("llmshrink.export", "llmshrink.export.*")),
     # The pass configs register themselves with the registry, which imports the configs package (whose
     # __init__ imports each config through importlib) when a pass is first looked up.
     Layer("registry", ("llmshrink.registry", "llmshrink.passes.configs")),
@@ -64,11 +68,15 @@ LAYERS = (
     Layer("passes", ("llmshrink.passes.*",), sideways=False),
     Layer("recipe", ("llmshrink.recipe",)),
     # The target: planner (issue 18): measures decisions through the passes, chooses; the engine runs its plan.
-    Layer("planning", ("llmshrink.planning", "llmshrink.planning.*")),
+    Layer("planning", (
+        "llmshrink.planning", "llmshrink.planning.solver", "llmshrink.planning.candidates",
+        "llmshrink.planning.measure", "llmshrink.planning.planner",
+    )),
     # Running a recipe: the engine, the recipe's evaluate: section, the model card it writes.
     Layer("engine", ("llmshrink.engine", "llmshrink.eval.evaluator", "llmshrink.hub")),
     Layer("compare and push", (
         "llmshrink.compare", "llmshrink.compare_protocols", "llmshrink.pareto_plot", "llmshrink.push",
+        "llmshrink.sweep",  # a target: recipe at several budgets, then compare
     )),
     Layer("cli", ("llmshrink.cli", "llmshrink.__main__")),
 )

@@ -1,0 +1,129 @@
+"""Measure each candidate decision alone: take it on a copy of the base, then its exact size and calibration loss.
+
+Size is counted on the model itself (unique parameters, the checkpoint's tensor bytes, MACs of one forward over
+MACS_SEQ_LEN tokens), so a plan's accounting is the model's, not an estimate. Loss is the mean next-token NLL
+(nats) over calibration windows spread evenly across the training text (a mix's corpus and its teacher samples
+alike). Measurements are cached in a JSON file per (base model, training text, calibration size, llmshrink
+version), saved after every decision: planning again for another budget measures nothing, and an interrupted
+measurement resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmshrink.context import Context
+from llmshrink.eval.macs import macs_per_token
+from llmshrink.eval.perplexity import max_positions, perplexity
+from llmshrink.eval.size import count_bytes, count_params
+from llmshrink.fileio import atomic_write_text
+from llmshrink.planning.candidates import Candidate
+from llmshrink.planning.spec import MACS_SEQ_LEN
+from llmshrink.registry import get_pass
+from llmshrink.version import __version__
+
+WINDOW = 512  # calibration window (shorter where the model's positions are)
+
+
+@dataclass(frozen=True)
+class Measured:
+    loss: float  # mean NLL per token on the calibration windows
+    params: int
+    bytes: int
+    macs: int  # of one forward over MACS_SEQ_LEN tokens
+
+    def size(self, kind: str) -> int:
+        return getattr(self, kind)
+
+
+def calibration_ids(ctx: Context, tokens: int, window: int) -> torch.Tensor:
+    """`tokens` tokens of the training text as whole windows spread evenly over it, one after another."""
+    ids = ctx.train_token_ids()
+    count = max(1, min(tokens, ids.numel()) // window)
+    if ids.numel() < window:
+        return ids
+    starts = torch.linspace(0, ids.numel() - window, count).long().tolist()
+    return torch.cat([ids[s:s + window] for s in starts])
+
+
+def measure(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device) -> Measured:
+    loss = perplexity(model, ids, window, window, device=device, progress=False).nll
+    macs = macs_per_token(model, seq_len=MACS_SEQ_LEN)["total"] * MACS_SEQ_LEN
+    return Measured(loss=loss, params=count_params(model), bytes=count_bytes(model), macs=round(macs))
+
+
+def take(model: nn.Module, candidate: Candidate, ctx: Context) -> nn.Module:
+    """A copy of `model` with `candidate`'s stage applied (the pass's log lines left out)."""
+    (name, body), = candidate.stage.items()
+    spec = get_pass(name)
+    changed = copy.deepcopy(model)
+    spec.apply(changed, spec.config_cls.model_validate(body), dataclasses.replace(ctx, log=lambda line: None))
+    return changed
+
+
+class MeasurementCache:
+    """Measurements by candidate key in one JSON file (None: kept in memory only)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        if path is not None and path.is_file():
+            self.entries = json.loads(path.read_text())
+
+    def get(self, key: str) -> Measured | None:
+        entry = self.entries.get(key)
+        return Measured(**entry) if entry is not None else None
+
+    def put(self, key: str, measured: Measured) -> None:
+        self.entries[key] = dataclasses.asdict(measured)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
+
+
+def cache_file(root: Path, model: nn.Module, ctx: Context, tokens: int) -> Path:
+    """The cache of one base model (its weights' digest), calibration text (the tokens measured on and those the
+    passes calibrate on) and llmshrink version."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    window = min(WINDOW, max_positions(model) or WINDOW)
+    for ids in (calibration_ids(ctx, tokens, window), ctx.train_token_ids()[:tokens]):
+        digest.update(ids.numpy().tobytes())
+    digest.update(f"{tokens} {__version__}".encode())
+    return root / f"{digest.hexdigest()}.json"
+
+
+BASE_KEY = "base"
+
+
+def measure_all(model: nn.Module, candidates: list[Candidate], ctx: Context, tokens: int,
+                cache: MeasurementCache, log: Callable[[str], None] = print) -> tuple[Measured, dict[str, Measured]]:
+    """The base's measurement and each candidate's, from the cache where it has them."""
+    window = min(WINDOW, max_positions(model) or WINDOW)
+    ids = calibration_ids(ctx, tokens, window)
+    torch.manual_seed(ctx.seed)
+    base = cache.get(BASE_KEY)
+    if base is None:
+        base = measure(model, ids, window, ctx.device)
+        cache.put(BASE_KEY, base)
+    todo = [c for c in candidates if cache.get(c.key) is None]
+    log(f"  {len(candidates)} decisions on {ids.numel()} calibration tokens: {len(candidates) - len(todo)} "
+        f"measured before{f' ({cache.path})' if cache.path and len(todo) < len(candidates) else ''}, "
+        f"{len(todo)} to measure")
+    for candidate in tqdm(todo, desc="measuring decisions", unit="decision", disable=not todo):
+        changed = take(model, candidate, ctx)
+        cache.put(candidate.key, measure(changed, ids, window, ctx.device))
+        del changed
+    return base, {c.key: cache.get(c.key) for c in candidates}
