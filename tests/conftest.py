@@ -351,3 +351,13 @@ def quantize_with_untied_head(model, method: str) -> None:
                    quiet_ctx())
     assert record["untied"] == ["lm_head"] and model.config.tie_word_embeddings is False
     assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
+def one_line(capsys, argv: list[str]) -> str:
+    """Run the CLI; it must exit 2 with exactly one line on stderr, which is returned."""
+    from llmshrink.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, (code, err)
+    return err[0]

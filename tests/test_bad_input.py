@@ -9,9 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny, tiny_llama
+from conftest import one_line, save_tiny, tiny_llama
 
-from llmshrink.cli import main
 from llmshrink.distill.data import load_texts, stream_texts
 from llmshrink.errors import LlmshrinkError
 from llmshrink.specs import DataSpec
@@ -31,13 +30,6 @@ output: {{dir: '{out or tmp_path / "out"}'}}
 """)
     return path
 
-
-def one_line(capsys, argv: list[str]) -> str:
-    """Run the CLI; it must exit 2 with exactly one line on stderr, which is returned."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, (code, err)
-    return err[0]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import WORDS, model_dir, tiny_llama
+from conftest import WORDS, model_dir, one_line, tiny_llama
 
 import llmshrink.sweep as sweep_module
 from llmshrink.cli import main
@@ -58,13 +58,6 @@ def write_recipe(path: Path, world, target: dict, out: Path) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
-
-def one_line(capsys, argv: list[str]) -> str:
-    """Run the CLI: exit 2 and exactly one line on stderr, which is returned."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, (code, err)
-    return err[0]
 
 
 def printed_plan(stdout: str) -> tuple[list[tuple[int, str, int]], tuple[int, int, int], str]:

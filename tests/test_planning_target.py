@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import WORDS, model_dir, tiny_gpt2, tiny_llama, tiny_tokenizer
+from conftest import WORDS, model_dir, one_line, tiny_gpt2, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
 from llmshrink.cli import main
@@ -106,13 +106,6 @@ def write_recipe(path: Path, world, model: str, target: dict, search: dict | Non
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
-
-def one_line(capsys, argv: list[str]) -> str:
-    """Run the CLI: exit 2 and exactly one line on stderr, which is returned."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, (code, err)
-    return err[0]
 
 
 # --- 1. each kind of budget: exact accounting, within the limit, as tight as the search space allows --------------
