@@ -103,11 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     compare.set_defaults(run=_compare)
 
     export = sub.add_parser("export", parents=[common], help="write a checkpoint as a plain transformers model "
-                                                             "(hf-dense), verified by reloading it")
+                                                             "(hf-dense) or a GGUF file for llama.cpp (gguf), "
+                                                             "verified by running it")
     export.add_argument("path", help="checkpoint directory (the output of apply)")
     export.add_argument("--format", required=True, help=f"one of {', '.join(EXPORT_FORMATS)} "
                                                         f"({', '.join(EXPORT_PLANNED)}: not built yet)")
     export.add_argument("-o", "--output", required=True, help="the folder to write (must not exist)")
+    export.add_argument("--quant", help="gguf only: f32, f16 (default), q8_0, q4_0, q4_k, q5_k, q6_k (k-quants need "
+                                        "rows that are multiples of 256)")
     export.set_defaults(run=_export)
 
     push = sub.add_parser("push", parents=[common], help="upload a checkpoint directory to the Hugging Face hub")
@@ -266,8 +269,8 @@ def _compare(args) -> int:
     return 0
 
 
-EXPORT_FORMATS = ("hf-dense",)
-EXPORT_PLANNED = ("gguf", "onnx")
+EXPORT_FORMATS = ("hf-dense", "gguf")
+EXPORT_PLANNED = ("onnx",)
 
 
 def _export(args) -> int:
@@ -277,10 +280,17 @@ def _export(args) -> int:
     if args.format not in EXPORT_FORMATS:
         raise LlmshrinkError(f"--format: {args.format!r} is not a format; allowed: "
                              f"{', '.join(EXPORT_FORMATS + EXPORT_PLANNED)}")
-    from llmshrink.export.hf_dense import export_hf_dense
-
+    if args.quant is not None and args.format != "gguf":
+        raise LlmshrinkError(f"--quant: only --format gguf is quantized; {args.format} keeps the checkpoint's dtype")
     _quiet_libraries()
-    result = export_hf_dense(args.path, args.output)
+    if args.format == "gguf":
+        from llmshrink.export.gguf import export_gguf
+
+        result = export_gguf(args.path, args.output, quant=args.quant or "f16")
+    else:
+        from llmshrink.export.hf_dense import export_hf_dense
+
+        result = export_hf_dense(args.path, args.output)
     print(f"exported {args.path} -> {args.output} ({args.format}): max |Δlogit| {result['max_abs_logit_diff']:.3g}, "
           f"top-1 agreement {result['top1_agreement']:.3f}")
     return 0

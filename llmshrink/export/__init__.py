@@ -2,6 +2,9 @@
 
     hf_dense.py   a plain transformers model: every compressed layer multiplied back to a dense one, pruned
                   shapes in the config; reloaded with plain `from_pretrained` and its logits compared
+    gguf.py       one GGUF file for llama.cpp (llama / deci for per-block widths and heads / gpt2), with its tokenizer;
+                  quantized by llama.cpp; loaded in llama.cpp, tokenizer and logits compared (the `export` extra)
+    gguf_runtime.py  llama.cpp through llama-cpp-python: quantize, load, logits, tokenize, perplexity
 
 This package __init__ imports nothing: each format is imported where it is used (they pull in their runtimes).
 """

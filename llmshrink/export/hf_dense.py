@@ -78,13 +78,14 @@ REMOTE_OR_GGUF = "such a model needs the checkpoint's remote code (trust_remote_
 # --- densify ---------------------------------------------------------------------------------------------
 
 
-def densify(model: nn.Module) -> nn.Module:
+def densify(model: nn.Module, describe: bool = True) -> nn.Module:
     """In place: every llmshrink and bitsandbytes layer becomes the dense layer a plain model of this architecture
     has at that name, shared blocks are copied to each position, and the config is set to the pruned shapes.
 
     Refuses (LlmshrinkError, one line) shapes no plain config can describe, after the layers were replaced (the
     widths are read from dense layers): densify a copy to keep the original. Afterwards every tensor has the
-    shape a plain model built from the config has."""
+    shape a plain model built from the config has. `describe=False`: layers only, the config left as it is (the
+    GGUF export takes per-block shapes from the tensors, so no config needs to hold them)."""
     plain = _skeleton(model)
     dtype = weights_dtype(model)
     replaced: list[str] = []
@@ -99,8 +100,9 @@ def densify(model: nn.Module) -> nn.Module:
     _unshare_blocks(model)
     if hasattr(model.config, "quantization_config"):  # bitsandbytes settings: the weights are float now
         delattr(model.config, "quantization_config")
-    _describe_shapes(model, plain)
-    _check_shapes(model)
+    if describe:
+        _describe_shapes(model, plain)
+        _check_shapes(model)
     return model
 
 
