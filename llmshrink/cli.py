@@ -102,15 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     direction.add_argument("--lower-is-better", dest="higher_better", action="store_const", const=False)
     compare.set_defaults(run=_compare)
 
-    export = sub.add_parser("export", parents=[common], help="write a checkpoint as a plain transformers model "
-                                                             "(hf-dense) or a GGUF file for llama.cpp (gguf), "
-                                                             "verified by running it")
+    export = sub.add_parser("export", parents=[common], help="write a checkpoint for another runtime, verified in it: "
+                                                             "a plain transformers model (hf-dense), a GGUF for "
+                                                             "llama.cpp (gguf) or an ONNX graph with a KV cache (onnx)")
     export.add_argument("path", help="checkpoint directory (the output of apply)")
-    export.add_argument("--format", required=True, help=f"one of {', '.join(EXPORT_FORMATS)} "
-                                                        f"({', '.join(EXPORT_PLANNED)}: not built yet)")
+    export.add_argument("--format", required=True, help=f"one of {', '.join(EXPORT_FORMATS)}")
     export.add_argument("-o", "--output", required=True, help="the folder to write (must not exist)")
-    export.add_argument("--quant", help="gguf only: f32, f16 (default), q8_0, q4_0, q4_k, q5_k, q6_k (k-quants need "
-                                        "rows that are multiples of 256)")
+    export.add_argument("--quant", help="gguf: f32, f16 (default), q8_0, q4_0, q4_k, q5_k, q6_k (k-quants need rows "
+                                        "that are multiples of 256); onnx: int8 (quantize_dynamic), int8-weights or "
+                                        "int4-weights (MatMulNBits), default fp32")
     export.set_defaults(run=_export)
 
     push = sub.add_parser("push", parents=[common], help="upload a checkpoint directory to the Hugging Face hub")
@@ -269,24 +269,23 @@ def _compare(args) -> int:
     return 0
 
 
-EXPORT_FORMATS = ("hf-dense", "gguf")
-EXPORT_PLANNED = ("onnx",)
+EXPORT_FORMATS = ("hf-dense", "gguf", "onnx")
 
 
 def _export(args) -> int:
-    if args.format in EXPORT_PLANNED:
-        raise LlmshrinkError(f"--format: {args.format} is not built yet in this version; available: "
-                             f"{', '.join(EXPORT_FORMATS)}")
     if args.format not in EXPORT_FORMATS:
-        raise LlmshrinkError(f"--format: {args.format!r} is not a format; allowed: "
-                             f"{', '.join(EXPORT_FORMATS + EXPORT_PLANNED)}")
-    if args.quant is not None and args.format != "gguf":
-        raise LlmshrinkError(f"--quant: only --format gguf is quantized; {args.format} keeps the checkpoint's dtype")
+        raise LlmshrinkError(f"--format: {args.format!r} is not a format; allowed: {', '.join(EXPORT_FORMATS)}")
+    if args.quant is not None and args.format == "hf-dense":
+        raise LlmshrinkError("--quant: hf-dense keeps the checkpoint's dtype; quantize with --format gguf or onnx")
     _quiet_libraries()
     if args.format == "gguf":
         from llmshrink.export.gguf import export_gguf
 
         result = export_gguf(args.path, args.output, quant=args.quant or "f16")
+    elif args.format == "onnx":
+        from llmshrink.export.onnx import export_onnx
+
+        result = export_onnx(args.path, args.output, quant=args.quant)
     else:
         from llmshrink.export.hf_dense import export_hf_dense
 

@@ -1,5 +1,5 @@
-"""`llmshrink export`: hf-dense through the command line; formats not built yet and unknown ones refused in one
-line, exit 2."""
+"""`llmshrink export`: hf-dense through the command line (gguf and onnx: their own test files); an unknown format
+and a quantization hf-dense cannot take refused in one line, exit 2."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ def test_export_hf_dense_writes_a_verified_plain_model(tmp_path, capsys):
     assert out.startswith(f"exported {checkpoint} -> {tmp_path / 'dense'} (hf-dense): max |Δlogit| ")
 
 
-@pytest.mark.parametrize(("fmt", "message"), [
-    ("gguf", "--format: gguf is not built yet in this version; available: hf-dense"),
-    ("onnx", "--format: onnx is not built yet in this version; available: hf-dense"),
-    ("tflite", "--format: 'tflite' is not a format; allowed: hf-dense, gguf, onnx"),
+@pytest.mark.parametrize(("args", "message"), [
+    (["--format", "tflite"], "--format: 'tflite' is not a format; allowed: hf-dense, gguf, onnx"),
+    (["--format", "hf-dense", "--quant", "q8_0"],
+     "--quant: hf-dense keeps the checkpoint's dtype; quantize with --format gguf or onnx"),
 ])
-def test_formats_not_built_or_unknown_are_one_line(tmp_path, capsys, fmt, message):
-    assert main(["export", str(tmp_path), "--format", fmt, "-o", str(tmp_path / "x")]) == 2
+def test_unknown_formats_and_misplaced_quant_are_one_line(tmp_path, capsys, args, message):
+    assert main(["export", str(tmp_path), *args, "-o", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == f"llmshrink: error: {message}\n"
     assert not (tmp_path / "x").exists()

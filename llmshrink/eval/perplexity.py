@@ -12,6 +12,7 @@ scored and the model never sees more than `window` positions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,26 @@ def _check(model: nn.Module, n_tokens: int, window: int, stride: int, bos: bool)
         raise LlmshrinkError(
             f"perplexity window {window} is longer than the model's {limit} positions; use window <= {limit}"
         )
+
+
+def runtime_perplexity(logits_of: Callable[[list[int]], torch.Tensor], token_ids: torch.Tensor, window: int,
+                       stride: int, bos_token_id: int | None = None, runtime: str = "") -> PerplexityResult:
+    """perplexity() of a model that runs outside torch (an exported file in its runtime), by the same windows and
+    BOS handling, so the numbers compare: `logits_of(row)` gives the (len(row), vocab) logits of one window."""
+    ids = torch.as_tensor(token_ids).reshape(-1).long().cpu()
+    bos = bos_token_id is not None
+    _check(None, ids.numel(), window, stride, bos)
+    total, count = 0.0, 0
+    for begin, end, first in _windows(ids.numel(), window - 1 if bos else window, stride, bos):
+        row = ([bos_token_id] if bos else []) + ids[begin:end].tolist()
+        offset = 1 if bos else 0  # text position p sits at row index p - begin + offset; the logits before predict it
+        logits = torch.as_tensor(logits_of(row)).float()
+        predicted = logits[first - begin + offset - 1: end - begin + offset - 1]
+        total += float(F.cross_entropy(predicted, ids[first:end], reduction="sum"))
+        count += end - first
+    mean = total / count
+    protocol = {"window": window, "stride": stride, "tokens": int(ids.numel()), "bos": bos, "runtime": runtime}
+    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens_scored=count, protocol=protocol)
 
 
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@
     gguf.py       one GGUF file for llama.cpp (llama / deci for per-block widths and heads / gpt2), with its tokenizer;
                   quantized by llama.cpp; loaded in llama.cpp, tokenizer and logits compared (the `export` extra)
     gguf_runtime.py  llama.cpp through llama-cpp-python: quantize, load, logits, tokenize, perplexity
+    onnx.py       one ONNX graph (KV cache in/out; fp32, int8, int8/int4-weights), checked in onnxruntime
+    onnx_run.py   running it: OnnxModel, greedy, onnx_perplexity, decode_speed
 
 This package __init__ imports nothing: each format is imported where it is used (they pull in their runtimes).
 """

@@ -14,7 +14,6 @@ verbose=False); its last error line goes into the one-line error when loading or
 from __future__ import annotations
 
 import ctypes
-import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,10 +23,9 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.perplexity import PerplexityResult, _check, _windows
+from llmshrink.eval.perplexity import PerplexityResult, runtime_perplexity
 
 INSTALL = ('gguf: the GGUF export writes and checks the file with llama.cpp through llama-cpp-python, which is not '
            'installed: pip install -e ".[export]"')
@@ -119,25 +117,11 @@ def gguf_perplexity(path: str | Path, token_ids: torch.Tensor, window: int, stri
                     bos_token_id: int | None = None, f32_cache: bool = False) -> PerplexityResult:
     """exp(mean NLL) of `token_ids` (1-D) in llama.cpp, by the same windows and BOS handling as
     llmshrink.eval.perplexity.perplexity, so the two numbers compare; llama.cpp's context is one window."""
-    ids = torch.as_tensor(token_ids).reshape(-1).long().cpu()
-    bos = bos_token_id is not None
-    _check(None, ids.numel(), window, stride, bos)  # no torch model to read a context length from
-    offset = 1 if bos else 0  # a window's text starts after its BOS
     llm = open_gguf(path, n_ctx=window, f32_cache=f32_cache)
-    total, count = 0.0, 0
     try:
-        for begin, end, first in _windows(ids.numel(), window - offset, stride, bos):
-            row = ([bos_token_id] if bos else []) + ids[begin:end].tolist()
-            scores = _run(llm, row)
-            # The token at text position p sits at row index p - begin + offset; the logits before it predict it.
-            predicted = scores[first - begin + offset - 1: end - begin + offset - 1]
-            total += float(F.cross_entropy(predicted, ids[first:end], reduction="sum"))
-            count += end - first
+        return runtime_perplexity(lambda row: _run(llm, row), token_ids, window, stride, bos_token_id, "llama.cpp")
     finally:
         llm.close()
-    mean = total / count
-    protocol = {"window": window, "stride": stride, "tokens": int(ids.numel()), "bos": bos, "runtime": "llama.cpp"}
-    return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens_scored=count, protocol=protocol)
 
 
 def tensor_types(path: str | Path) -> dict[str, int]:
