@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                                                              "a plain transformers model (hf-dense), a GGUF for "
                                                              "llama.cpp (gguf) or an ONNX graph with a KV cache (onnx)")
     export.add_argument("path", help="checkpoint directory (the output of apply)")
-    export.add_argument("--format", required=True, help=f"one of {', '.join(EXPORT_FORMATS)}")
+    export.add_argument("--format", required=True, help="hf-dense, gguf or onnx")
     export.add_argument("-o", "--output", required=True, help="the folder to write (must not exist)")
     export.add_argument("--quant", help="gguf: f32, f16 (default), q8_0, q4_0, q4_k, q5_k, q6_k (k-quants need rows "
                                         "that are multiples of 256); onnx: int8 (quantize_dynamic), int8-weights or "
@@ -169,7 +169,6 @@ def _quiet_libraries() -> None:
 
 def _plan(args) -> int:
     from llmshrink.engine import plan_recipe
-    from llmshrink.fileio import atomic_write_text
     from llmshrink.recipe import load_recipe
 
     loaded = load_recipe(args.recipe, args.overrides)
@@ -182,7 +181,11 @@ def _plan(args) -> int:
     print()
     print(text, end="")
     if args.output:
-        atomic_write_text(args.output, text)
+        try:
+            with open(args.output, "x", encoding="utf-8") as file:  # never over a file made during the planning
+                file.write(text)
+        except FileExistsError:
+            raise LlmshrinkError(f"--output: {args.output} exists; choose a new file (inputs are never overwritten)") from None
         print(f"\nwrote {args.output}")
     return 0
 
@@ -269,12 +272,11 @@ def _compare(args) -> int:
     return 0
 
 
-EXPORT_FORMATS = ("hf-dense", "gguf", "onnx")
-
-
 def _export(args) -> int:
-    if args.format not in EXPORT_FORMATS:
-        raise LlmshrinkError(f"--format: {args.format!r} is not a format; allowed: {', '.join(EXPORT_FORMATS)}")
+    from llmshrink.export.spec import FORMATS
+
+    if args.format not in FORMATS:
+        raise LlmshrinkError(f"--format: {args.format!r} is not a format; allowed: {', '.join(FORMATS)}")
     if args.quant is not None and args.format == "hf-dense":
         raise LlmshrinkError("--quant: hf-dense keeps the checkpoint's dtype; quantize with --format gguf or onnx")
     _quiet_libraries()

@@ -25,6 +25,7 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.evaluator import Evaluator
 from llmshrink.eval.report import format_table, write_report_md
 from llmshrink.eval.size import dir_size
+from llmshrink.export.spec import EXPORTS_DIR, GGUF_DEFAULT, ExportSpec
 from llmshrink.fileio import atomic_write_text, make_readable
 from llmshrink.hub import model_card
 from llmshrink.passes.base import Extra, LoadExtra
@@ -46,6 +47,7 @@ PREVIOUS_DIR = "output.previous"
 # Beside a target: recipe's checkpoint: the plan as an ordinary recipe, and the measurements it was made from.
 PLANNED_RECIPE = "planned_recipe.yaml"
 PLAN_FILE = "plan.json"
+EXPORT_FILE = "export.json"  # in each export's folder (exports/<name>/), as the export functions write it
 
 
 def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print, samples_dir: Path | None = None) -> dict:
@@ -86,7 +88,8 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log, samples_dir:
     recipe = loaded.recipe
     torch.manual_seed(recipe.seed)
     device = _resolve_device(recipe.device)
-    step = _Steps(5 + len(loaded.stages) + (recipe.target is not None))
+    _check_export_runtimes(recipe.export)  # before the work, not after it
+    step = _Steps(5 + len(loaded.stages) + (recipe.target is not None) + bool(recipe.export))
 
     model_spec = _model_spec(recipe)
     log(f"{step()} load {model_spec.id}")
@@ -196,6 +199,9 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log, samples_dir:
         base.update(evaluator.memory(model_spec, device))
         compressed.update(evaluator.memory(staging, device))
         manifest["evaluation"]["memory"] = evaluator.protocols["memory"]
+    if recipe.export:  # from the verified checkpoint; after its size and memory, which they are not part of
+        log(f"{step()} export {', '.join(spec.folder for spec in recipe.export)}")
+        manifest["exports"] = _write_exports(recipe.export, staging, work_root, out_dir, log)
     _finish_staging(staging, manifest, loaded, type(model).__name__, base_loaded.notes, evaluator)
 
     move_into_place(staging, out_dir, recipe.output.overwrite, aside=work_root / PREVIOUS_DIR)
@@ -319,6 +325,61 @@ def _verify(model, extras: list[_SavedExtra], staging: Path, manifest: dict, eva
         manifest["checks"][f"{name}_reload_max_abs_logit_diff"] = diff
         if diff > item.extra.atol:
             raise LlmshrinkError(f"{out_dir}: the reloaded {name} changes the logits by {diff:.3g}")
+
+
+def _write_exports(specs: list[ExportSpec], staging: Path, work_root: Path, out_dir: Path, log) -> dict:
+    """The recipe's export: section, each made from the verified checkpoint in `staging` into the work folder
+    (an export refuses a folder inside its checkpoint) and then moved to staging/exports/<name>/, so that the
+    output still appears complete by one rename; a failed export fails the run. Returns the manifest's `exports`:
+    {name: the export's record}, its paths relative to the output folder (as in its export.json there)."""
+    records = {}
+    for spec in specs:
+        scratch = work_root / f"export-{spec.folder}.partial"
+        final = staging / EXPORTS_DIR / spec.folder
+        shown = str(out_dir / EXPORTS_DIR / spec.folder)  # its log line names where it will be, not the scratch
+
+        def log_line(line: str, scratch=scratch, shown=shown) -> None:
+            log(f"  {line.replace(str(scratch), shown)}")
+
+        result = _export(spec, staging, scratch, log_line)
+        final.parent.mkdir(exist_ok=True)
+        scratch.rename(final)
+        record = {**result, "name": spec.folder, "source": ".",
+                  "path": (Path(EXPORTS_DIR) / spec.folder / Path(result["path"]).relative_to(scratch)).as_posix()}
+        atomic_write_text(final / EXPORT_FILE, json.dumps(record, indent=2) + "\n")
+        records[spec.folder] = record
+    return records
+
+
+def _check_export_runtimes(specs: list[ExportSpec]) -> None:
+    """The runtimes the exports write and check with are installed (else the export's own one line)."""
+    formats = {spec.format for spec in specs}
+    if "onnx" in formats:
+        from llmshrink.export.onnx_run import require_runtime
+
+        require_runtime()
+    if "gguf" in formats:
+        try:
+            from llmshrink.export.gguf_runtime import llama_cpp_module
+        except ImportError as err:  # the gguf package (the export extra too)
+            raise LlmshrinkError(f'gguf: the GGUF export needs {err.name}, not installed: pip install -e ".[export]"'
+                                 ) from None
+        llama_cpp_module()
+
+
+def _export(spec: ExportSpec, checkpoint: Path, out: Path, log) -> dict:
+    """Run one export (each format imported here: they pull in their runtimes)."""
+    if spec.format == "gguf":
+        from llmshrink.export.gguf import export_gguf
+
+        return export_gguf(checkpoint, out, quant=spec.quant or GGUF_DEFAULT, log=log)
+    if spec.format == "onnx":
+        from llmshrink.export.onnx import export_onnx
+
+        return export_onnx(checkpoint, out, quant=spec.quant, log=log)
+    from llmshrink.export.hf_dense import export_hf_dense
+
+    return export_hf_dense(checkpoint, out, log=log)
 
 
 def _finish_staging(staging: Path, manifest: dict, loaded: LoadedRecipe, architecture: str, notes: list[str],

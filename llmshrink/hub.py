@@ -2,9 +2,9 @@
 
 Reads the manifest that `apply` writes: name, description, license (optional), base_model {id, revision,
 license (optional)}, metrics {base: {...}, compressed: {...}} (keys as in eval/report.py; a recipe with several
-perplexity datasets adds perplexity_by_dataset, one row and one result each), evaluation {perplexity: protocol}
-and passes [{pass, record}]. Optional task metrics, in both metrics.base and metrics.compressed, become card
-results too when present:
+perplexity datasets adds perplexity_by_dataset, one row and one result each), evaluation {perplexity: protocol},
+passes [{pass, record}] and exports {name: record} (the recipe's export: section, llmshrink/export). Optional task
+metrics, in both metrics.base and metrics.compressed, become card results too when present:
 
     lm_eval     {task: {metric[,filter]: value}}   eval/lm_eval_bridge.py's results ("_stderr" entries skipped);
                                                     protocol in evaluation.lm_eval {tasks: {task: {num_fewshot,
@@ -75,6 +75,7 @@ def model_card(manifest: dict[str, Any], recipe_text: str, *, architecture: str 
     parts += _metrics_section(metrics, evaluation.get("perplexity"), report.encoder_protocol_lines(evaluation))
     parts += _task_metrics_section(metrics)
     parts += _passes_section(manifest.get("passes"))
+    parts += _exports_section(manifest.get("exports"))
     parts += _load_section(repo_id or REPO_PLACEHOLDER, auto_class)
     parts += ["\n## Recipe\n", f"```yaml\n{recipe_text.rstrip()}\n```\n"]
     parts += _license_section(license_id, base_hub_id or base)
@@ -247,6 +248,27 @@ def _passes_section(passes: Any) -> list[str]:
         lines.append(f"{i}. `{item.get('pass', 'pass')}`{summary}")
     lines.append("\nEvery decision of every pass is in `llmshrink.json`.")
     return lines
+
+
+def _exports_section(exports: Any) -> list[str]:
+    """The recipe's export: section as written: one row per export (path, format, quant or dtype, size) with how
+    its runtime's logits compared with the compressed model's on the export's probe."""
+    if not isinstance(exports, dict) or not exports:
+        return []
+    table = ["| export | format | quant | size | max abs Δlogit | top-1 agreement |", "|---|---|---|---:|---:|---:|"]
+    for name, record in exports.items():
+        record = _dict(record)
+        size = record.get("bytes")
+        top1 = record.get("top1_agreement")
+        cells = [f"`{record.get('path') or name}`", str(record.get("format", "–")),
+                 str(record.get("quant") or record.get("dtype") or "–"),
+                 f"{size / 1e6:.1f} MB" if _finite(size) else "–", _number(record.get("max_abs_logit_diff")),
+                 f"{top1:.1%}" if _finite(top1) else "–"]
+        table.append(f"| {' | '.join(cells)} |")
+    return ["\n## Exports\n",
+            "Written from this checkpoint by `llmshrink apply` and checked in their own runtimes (transformers, "
+            "llama.cpp, onnxruntime) against the compressed model's logits; each folder's `export.json` has the "
+            "details.\n", *table]
 
 
 def _load_section(repo: str, auto_class: str) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from llmshrink.errors import RecipeError, did_you_mean
 from llmshrink.eval.specs import (  # noqa: F401 (re-exported: the recipe's evaluate: section)
@@ -33,6 +33,7 @@ from llmshrink.eval.specs import (  # noqa: F401 (re-exported: the recipe's eval
     LmEvalSpec,
     PerplexitySpec,
 )
+from llmshrink.export.spec import ExportSpec, check_export_names, check_exports
 from llmshrink.planning.spec import SearchSpec, TargetSpec, check_planning
 from llmshrink.specs import (
     LOCAL_DATA_SUFFIXES,
@@ -72,7 +73,14 @@ class Recipe(Spec):
     search: SearchSpec | None = Field(None, description="with target: the decisions the planner may take")
     stages: list[Any] = Field(default_factory=list)
     evaluate: EvaluateSpec = EvaluateSpec()
+    export: list[ExportSpec] = Field(default_factory=list, description="formats written at the end of apply, into "
+                                     "<output>/exports/<name>/ (hf-dense, gguf, onnx)")
     output: OutputSpec
+
+    @field_validator("export")
+    @classmethod
+    def _unique_export_folders(cls, value: list[ExportSpec]) -> list[ExportSpec]:
+        return check_export_names(value)
 
 
 def check_task(recipe: Recipe, file: str) -> None:
@@ -143,6 +151,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
         raise RecipeError(file, *describe_error(err, Recipe, prefix="", branches=PERPLEXITY_BRANCHES)) from None
     check_task(recipe, file)
     problem = check_planning(recipe.target, recipe.search, recipe.model.task == "causal_lm")
+    if problem is not None:
+        raise RecipeError(file, *problem)
+    problem = check_exports(recipe.export, recipe.model.task == "causal_lm")
     if problem is not None:
         raise RecipeError(file, *problem)
     if recipe.target is not None and recipe.data is None:

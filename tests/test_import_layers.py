@@ -36,6 +36,7 @@ LAYERS = (
         "llmshrink.specs", "llmshrink.corpus", "llmshrink.targeting", "llmshrink.checkpoint_files",
         "llmshrink.lazy_load", "llmshrink.task_data",
         "llmshrink.planning.spec",  # the recipe's target: and search: sections
+        "llmshrink.export.spec",  # the recipe's export: section (the export modules take their quant names from it)
         # package __init__s that import nothing of llmshrink
         "llmshrink.eval", "llmshrink.distill", "llmshrink.decompose", "llmshrink.passes",
     )),

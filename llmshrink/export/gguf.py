@@ -56,6 +56,7 @@ from llmshrink.export.hf_dense import (
     rounding_layers,
     top1_agreement,
 )
+from llmshrink.export.spec import GGUF_DEFAULT, GGUF_QUANTS
 from llmshrink.families import GPT2, LLAMA, block_list, join
 from llmshrink.fileio import make_readable
 from llmshrink.targeting import dense_weight
@@ -65,10 +66,11 @@ EXPORT_FILE = "export.json"
 # quant name -> llama.cpp file type. An f32 file is written and checked; every other type is made from it by
 # llama.cpp's quantizer, as llama-quantize does (norms and biases stay f32; a tensor whose rows do not fit the type's
 # block goes to another type: export.json lists the types). The k-quants are the usual mixes.
-QUANTS = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-          "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k": gguf.LlamaFileType.MOSTLY_Q5_K_M,
-          "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
+# The names come from export/spec.py (the recipe validates them without importing this module).
+QUANTS = dict(zip(GGUF_QUANTS, (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16,
+                                gguf.LlamaFileType.MOSTLY_Q8_0, gguf.LlamaFileType.MOSTLY_Q4_0,
+                                gguf.LlamaFileType.MOSTLY_Q4_K_M, gguf.LlamaFileType.MOSTLY_Q5_K_M,
+                                gguf.LlamaFileType.MOSTLY_Q6_K), strict=True))
 K_QUANTS = ("q4_k", "q5_k", "q6_k")
 K_BLOCK = 256  # a k-quant block spans 256 values of a row (QK_K)
 # The f32 check: max |Δlogit| / max |logit|. Only float summation order separates the file from the model
@@ -101,7 +103,7 @@ PROBE_TEXT_CHARS = 4000  # of the built-in python_docs text: the probe's tokens 
 # --- export ----------------------------------------------------------------------------------------------
 
 
-def export_gguf(checkpoint: str | Path, out: str | Path, quant: str = "f16",
+def export_gguf(checkpoint: str | Path, out: str | Path, quant: str = GGUF_DEFAULT,
                 log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Write checkpoint `checkpoint` as out/model-<quant>.gguf (out: a new folder), checked in llama.cpp; returns
     (and writes to out/export.json) what was written and how its logits compare with the compressed model's."""

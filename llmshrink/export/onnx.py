@@ -52,6 +52,7 @@ from llmshrink.export.hf_dense import (
     weights_dtype,
 )
 from llmshrink.export.onnx_run import FORMAT, MODEL_FILE, OnnxModel, require_runtime
+from llmshrink.export.spec import ONNX_QUANTS
 from llmshrink.fileio import make_readable
 from llmshrink.modules import COMPRESSED_MODULES
 from llmshrink.targeting import is_bnb_layer, replace_module
@@ -59,11 +60,12 @@ from llmshrink.targeting import is_bnb_layer, replace_module
 EXPORT_FILE = "export.json"
 PROMPT_TOKENS, DECODE_TOKENS = 8, 16  # the greedy check: a prompt from the probe, then this many new tokens
 # --quant: what onnxruntime's quantizers do (an embedding table: 8 bits per tensor, dequantized after the Gather).
-QUANTS = {
-    "int8": "quantize_dynamic: int8 weights (per output channel) and activations (per tensor, at each call)",
-    "int8-weights": "MatMulNBits: 8-bit weights in blocks of 32 (symmetric), int8 compute (accuracy_level 4)",
-    "int4-weights": "MatMulNBits: 4-bit weights in blocks of 32 (symmetric), int8 compute (accuracy_level 4)",
-}
+# (The names come from export/spec.py, which the recipe validates them with.)
+QUANTS = dict(zip(ONNX_QUANTS, (
+    "quantize_dynamic: int8 weights (per output channel) and activations (per tensor, at each call)",
+    "MatMulNBits: 8-bit weights in blocks of 32 (symmetric), int8 compute (accuracy_level 4)",
+    "MatMulNBits: 4-bit weights in blocks of 32 (symmetric), int8 compute (accuracy_level 4)",
+), strict=True))
 # A quantized graph is checked after its fp32 graph passed the fp32 check: its relative logit error ||Δ|| / ||logits||
 # must stay below 1 (closer to the model's logits than all-zero logits are). How lossy each quantization is, is
 # measured and reported, not bounded. SmolLM2-135M (perplexity on 2k tokens of shakespeare_test, onnxruntime; fp32
