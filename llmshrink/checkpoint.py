@@ -43,6 +43,7 @@ LAYOUT_KEY = "llmshrink_layout"
 ATTRS_KEY = "llmshrink_module_attrs"
 BASE_KEY = "llmshrink_base_architecture"
 MANIFEST_FILE = "llmshrink.json"
+RECIPE_FILE = "recipe.yaml"  # the exact recipe text that ran
 # Auto classes tried, in order, to find the one whose mapping names the base architecture.
 _AUTO_CLASSES = (
     "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
@@ -160,7 +161,7 @@ def write_checkpoint(
         if is_embedding_model(model):  # a bare encoder: also loadable as SentenceTransformer(directory)
             write_sentence_transformers_files(directory, model, tokenizer)
         _check_saved_keys(model, directory)
-        (directory / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+        (directory / RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
         (directory / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8")
         (directory / "README.md").write_text(model_card, encoding="utf-8")
         make_readable(directory)  # safetensors and mkdtemp-style dirs would otherwise be owner-only

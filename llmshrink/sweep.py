@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from llmshrink.checkpoint import MANIFEST_FILE
+from llmshrink.checkpoint import MANIFEST_FILE, RECIPE_FILE
 from llmshrink.compare import compare
 from llmshrink.engine import run_recipe
 from llmshrink.errors import LlmshrinkError
@@ -61,6 +61,10 @@ def sweep(recipe_path: str | Path, targets: list[float], output_dir: str | Path 
         path = out / f"{first.recipe.name}-{target.kind}-{name}"
         paths.append(path)
         if (path / MANIFEST_FILE).is_file():
+            ran = (path / RECIPE_FILE).read_text(encoding="utf-8") if (path / RECIPE_FILE).is_file() else None
+            if ran != loaded.text:  # recovery or data changed since: reusing the model would compare another recipe
+                raise LlmshrinkError(f"sweep: {path} holds a model of another recipe than {recipe_path} at {target.kind} "
+                                     f"{name}; remove it, or sweep into another -o folder")
             log(f"sweep: {target.kind} {name}: {path} is done already")
             continue
         log(f"sweep: {target.kind} {name} -> {path}")

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmshrink.context import Context
+from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.macs import macs_per_token
 from llmshrink.eval.perplexity import max_positions, perplexity
 from llmshrink.eval.size import count_bytes, count_params
@@ -67,7 +68,10 @@ def take(model: nn.Module, candidate: Candidate, ctx: Context) -> nn.Module:
     (name, body), = candidate.stage.items()
     spec = get_pass(name)
     changed = copy.deepcopy(model)
-    spec.apply(changed, spec.config_cls.model_validate(body), dataclasses.replace(ctx, log=lambda line: None))
+    try:
+        spec.apply(changed, spec.config_cls.model_validate(body), dataclasses.replace(ctx, log=lambda line: None))
+    except LlmshrinkError as err:  # the pass names its own fields, which a target: recipe does not have
+        raise LlmshrinkError(f"search: block {candidate.block}, {candidate.label}: {err}; remove it from search:") from err
     return changed
 
 
@@ -92,9 +96,11 @@ class MeasurementCache:
 
 
 def cache_file(root: Path, model: nn.Module, ctx: Context, tokens: int) -> Path:
-    """The cache of one base model (its weights' digest), calibration text (the tokens measured on and those the
+    """The cache of one base model (its config and weights' digest), calibration text (the tokens measured on and those the
     passes calibrate on) and llmshrink version."""
     digest = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    digest.update(config.to_json_string().encode() if hasattr(config, "to_json_string") else b"")
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

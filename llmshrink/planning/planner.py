@@ -27,6 +27,8 @@ from torch import nn
 from llmshrink.blocks import find_blocks
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
+from llmshrink.eval.macs import macs_per_token
+from llmshrink.eval.perplexity import max_positions
 from llmshrink.planning.candidates import Candidate, block_choices, emit_stages, make_candidates
 from llmshrink.planning.measure import (
     WINDOW,
@@ -38,7 +40,7 @@ from llmshrink.planning.measure import (
     measure_all,
 )
 from llmshrink.planning.solver import Option, Plan, solve
-from llmshrink.planning.spec import SearchSpec, TargetSpec
+from llmshrink.planning.spec import MACS_SEQ_LEN, SearchSpec, TargetSpec
 
 
 @dataclass
@@ -61,6 +63,11 @@ def plan(model: nn.Module, target: TargetSpec, search: SearchSpec | None, ctx: C
     tokens = search.calibration_tokens
     cache = MeasurementCache(cache_file(cache_dir, model, ctx, tokens) if cache_dir is not None else None)
     base, measured = measure_all(model, candidates, ctx, tokens, cache, log)
+    if not math.isfinite(base.loss):
+        raise LlmshrinkError(f"target: the base model's calibration loss is {base.loss}; it cannot be planned for")
+    if kind == "macs" and not macs_per_token(model, seq_len=MACS_SEQ_LEN)["complete"]:
+        raise LlmshrinkError("target.macs: some of this model's layers run kernels the MAC counter does not know, "
+                             "so MACs would be undercounted; plan for params or bytes")
 
     combos = _options(candidates, measured, base, kind)
     limit = target.limit(base.size(kind))
@@ -140,9 +147,10 @@ def _options(candidates: list[Candidate], measured: dict[str, Measured], base: M
         best: dict[int, tuple[Option, tuple[Candidate, ...]]] = {}
         for combo in block_choices(members):
             saving = sum(base.size(kind) - measured[c.key].size(kind) for c in combo)
-            cost = sum(max(0.0, measured[c.key].loss - base.loss) for c in combo)
-            if saving <= 0 or not math.isfinite(cost):
-                continue
+            increases = [measured[c.key].loss - base.loss for c in combo]
+            if saving <= 0 or not all(math.isfinite(x) for x in increases):
+                continue  # saves nothing, or broke the model (a NaN loss must not count as free)
+            cost = sum(max(0.0, x) for x in increases)
             option = Option(f"block {block:03d}", " + ".join(c.label for c in combo), saving, cost)
             if saving not in best or (cost, option.name) < (best[saving][0].cost, best[saving][0].name):
                 best[saving] = (option, combo)
@@ -153,8 +161,6 @@ def _options(candidates: list[Candidate], measured: dict[str, Measured], base: M
 def check_planned(model: nn.Module, planned: Planned, ctx: Context) -> dict[str, Any]:
     """After the planned stages: the model's exact size must be the plan's; its loss, measured jointly, is
     recorded beside the estimate (the sum of the decisions' losses taken alone)."""
-    from llmshrink.eval.perplexity import max_positions
-
     window = min(WINDOW, max_positions(model) or WINDOW)
     got = measure(model, calibration_ids(ctx, planned.record["calibration_tokens"], window), window, ctx.device)
     sizes = {k: got.size(k) for k in ("params", "bytes", "macs")}
