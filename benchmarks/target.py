@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--work", default="out/target-bench", help="recipes and (with --keep) checkpoints")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (about 0.5 GB each)")
     parser.add_argument("--table", action="store_true", help="no runs: print the table of --json")
+    parser.add_argument("--plot", default="docs/target.png", help="params vs out-of-domain perplexity of each row")
     args = parser.parse_args()
     path = Path(args.json)
     results: dict = json.loads(path.read_text()) if path.is_file() else {}
@@ -120,6 +121,8 @@ def main() -> None:
                 if key not in results:
                     run_row(key, row, kind, float(value), Path(args.work), args.keep, results, path)
     print_table(results)
+    if args.plot:
+        save_plot(results, Path(args.plot))
 
 
 def run_row(key: str, row: str, kind: str, value: float, work: Path, keep: bool, results: dict, path: Path) -> None:
@@ -160,19 +163,49 @@ def print_table(results: dict) -> None:
     if "base" not in results:
         raise SystemExit("no results yet")
     base = results["base"]
-    print("\n| budget | recipe | params | bytes | in-domain ppl (Shakespeare) | out-of-domain ppl (Python docs) | "
-          "seconds |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n| budget | recipe | params | bytes | within budget | in-domain ppl (Shakespeare) | out-of-domain ppl "
+          "(Python docs) | seconds |")
+    print("|---|---|---:|---:|---|---:|---:|---:|")
     for key, row in results.items():
         if key == "base":
             continue
         budget, name = key.split("/")
-        cells = [budget, name, f"{row['params'] / base['params']:.3f}x", f"{row['bytes'] / base['bytes']:.3f}x",
+        kind, value = budget.split(":")
+        within = "yes" if row[kind] <= int(float(value) * base[kind]) else "**over**"
+        cells = [budget, name, f"{row['params'] / base['params']:.3f}x", f"{row['bytes'] / base['bytes']:.3f}x", within,
                  f"{row['shakespeare']:.2f} ({row['shakespeare'] / base['shakespeare']:.2f}x)",
                  f"{row['python_docs']:.2f} ({row['python_docs'] / base['python_docs']:.2f}x)", f"{row['seconds']}"]
         print("| " + " | ".join(cells) + " |")
     print(f"\nbase: {base['params']:,} params, {base['bytes']:,} bytes, Shakespeare {base['shakespeare']:.2f}, "
           f"Python docs {base['python_docs']:.2f}")
+
+
+def save_plot(results: dict, path: Path) -> None:
+    """Parameters (share of the base) against out-of-domain perplexity: one line per recipe across the budgets."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from llmshrink.fileio import atomic_save_png
+
+    base = results["base"]
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for row in ROWS:
+        points = sorted((r["params"] / base["params"], r["python_docs"]) for key, r in results.items()
+                        if key.startswith("params:") and key.endswith(f"/{row}"))
+        if points:
+            style = {"linewidth": 2.5, "color": "C3", "zorder": 3} if row == "planned" else {"linewidth": 1}
+            ax.plot(*zip(*points, strict=True), marker="o", label=row, **style)
+    ax.axhline(base["python_docs"], color="black", linestyle=":", label="base")
+    ax.set_yscale("log")
+    ax.set(xlabel="parameters (share of the base)", ylabel="perplexity on Python docs (out of domain)")
+    ax.set_title("SmolLM2-135M: planned vs single-pass at equal params, recovered alike", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_png(fig, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

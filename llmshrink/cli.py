@@ -168,7 +168,7 @@ def _quiet_libraries() -> None:
 
 
 def _plan(args) -> int:
-    from llmshrink.engine import plan_recipe
+    from llmshrink.plan_recipe import plan_recipe
     from llmshrink.recipe import load_recipe
 
     loaded = load_recipe(args.recipe, args.overrides)
@@ -279,19 +279,10 @@ def _export(args) -> int:
         raise LlmshrinkError(f"--format: {args.format!r} is not a format; allowed: {', '.join(FORMATS)}")
     if args.quant is not None and args.format == "hf-dense":
         raise LlmshrinkError("--quant: hf-dense keeps the checkpoint's dtype; quantize with --format gguf or onnx")
+    from llmshrink.export.from_recipe import run_export
+
     _quiet_libraries()
-    if args.format == "gguf":
-        from llmshrink.export.gguf import export_gguf
-
-        result = export_gguf(args.path, args.output, quant=args.quant or "f16")
-    elif args.format == "onnx":
-        from llmshrink.export.onnx import export_onnx
-
-        result = export_onnx(args.path, args.output, quant=args.quant)
-    else:
-        from llmshrink.export.hf_dense import export_hf_dense
-
-        result = export_hf_dense(args.path, args.output)
+    result = run_export(args.format, args.path, args.output, args.quant)
     print(f"exported {args.path} -> {args.output} ({args.format}): max |Δlogit| {result['max_abs_logit_diff']:.3g}, "
           f"top-1 agreement {result['top1_agreement']:.3f}")
     return 0

@@ -25,7 +25,7 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.evaluator import Evaluator
 from llmshrink.eval.report import format_table, write_report_md
 from llmshrink.eval.size import dir_size
-from llmshrink.export.spec import EXPORTS_DIR, GGUF_DEFAULT, ExportSpec
+from llmshrink.export.from_recipe import check_runtimes, write_exports
 from llmshrink.fileio import atomic_write_text, make_readable
 from llmshrink.hub import model_card
 from llmshrink.passes.base import Extra, LoadExtra
@@ -47,7 +47,6 @@ PREVIOUS_DIR = "output.previous"
 # Beside a target: recipe's checkpoint: the plan as an ordinary recipe, and the measurements it was made from.
 PLANNED_RECIPE = "planned_recipe.yaml"
 PLAN_FILE = "plan.json"
-EXPORT_FILE = "export.json"  # in each export's folder (exports/<name>/), as the export functions write it
 
 
 def run_recipe(loaded: LoadedRecipe, output_dir: str | None = None, log=print, samples_dir: Path | None = None) -> dict:
@@ -87,11 +86,11 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log, samples_dir:
 
     recipe = loaded.recipe
     torch.manual_seed(recipe.seed)
-    device = _resolve_device(recipe.device)
-    _check_export_runtimes(recipe.export)  # before the work, not after it
+    device = resolve_device(recipe.device)
+    check_runtimes(recipe.export)  # before the work, not after it
     step = _Steps(5 + len(loaded.stages) + (recipe.target is not None) + bool(recipe.export))
 
-    model_spec = _model_spec(recipe)
+    model_spec = model_spec_of(recipe)
     log(f"{step()} load {model_spec.id}")
     base_loaded = load_base_model(model_spec, device=device, log=log)  # may download/convert once (cached)
     model, tokenizer = base_loaded.model, base_loaded.tokenizer
@@ -103,7 +102,7 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log, samples_dir:
     teacher = load_base_model(model_spec, device=device, log=log).model
     load_seconds = time.perf_counter() - start
     teacher.requires_grad_(False).eval()
-    ctx = _context(recipe, model_spec, tokenizer, device, teacher, samples_dir, log)
+    ctx = context_for(recipe, model_spec, tokenizer, device, teacher, samples_dir, log)
     if recipe.evaluate.after_each_stage and evaluator.has_quality:
         # passes with inner steps (iterate) report after each
         ctx.evaluate, ctx.evaluate_name = evaluator.quality, evaluator.quality_name
@@ -201,7 +200,7 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log, samples_dir:
         manifest["evaluation"]["memory"] = evaluator.protocols["memory"]
     if recipe.export:  # from the verified checkpoint; after its size and memory, which they are not part of
         log(f"{step()} export {', '.join(spec.folder for spec in recipe.export)}")
-        manifest["exports"] = _write_exports(recipe.export, staging, work_root, out_dir, log)
+        manifest["exports"] = write_exports(recipe.export, staging, work_root, out_dir, log)
     _finish_staging(staging, manifest, loaded, type(model).__name__, base_loaded.notes, evaluator)
 
     move_into_place(staging, out_dir, recipe.output.overwrite, aside=work_root / PREVIOUS_DIR)
@@ -217,25 +216,6 @@ def _check_plan(model, planned: Planned, ctx: Context, log) -> None:
         f"measured jointly ({planned.predicted_loss:.4f} estimated)")
 
 
-def plan_recipe(loaded: LoadedRecipe, log=print) -> tuple[Planned, str]:
-    """Plan a target: recipe without compressing: (the plan, the emitted recipe's text). Teacher samples go where
-    `apply` finds them, and the measurements to the plan cache, so a later `apply` repeats neither."""
-    from llmshrink.models import load_base_model
-
-    recipe = loaded.recipe
-    if recipe.target is None:
-        raise LlmshrinkError(f"{loaded.path}: target: has no budget to plan for; add e.g. target: {{params: 0.7}}")
-    torch.manual_seed(recipe.seed)
-    device = _resolve_device(recipe.device)
-    model_spec = _model_spec(recipe)
-    base = load_base_model(model_spec, device=device, log=log)
-    model = base.model.requires_grad_(False).eval()  # planning takes its decisions on copies: it is the teacher too
-    samples_dir = work_dir_for(Path(recipe.output.dir)) / SAMPLES_DIR
-    ctx = _context(recipe, model_spec, base.tokenizer, device, model, samples_dir, log)
-    planned = plan_target(model, recipe.target, recipe.search, ctx, cache_dir=plan_cache_dir(), log=log)
-    return planned, planned_recipe(loaded.text, planned.stages)
-
-
 def plan_cache_dir() -> Path:
     """Where plan measurements are cached (under LLMSHRINK_CACHE when set)."""
     from llmshrink.models import cache_root
@@ -243,7 +223,7 @@ def plan_cache_dir() -> Path:
     return cache_root() / "plans"
 
 
-def _context(recipe: Recipe, model_spec: ModelSpec, tokenizer, device: torch.device, teacher, samples_dir: Path,
+def context_for(recipe: Recipe, model_spec: ModelSpec, tokenizer, device: torch.device, teacher, samples_dir: Path,
              log) -> Context:
     return Context(tokenizer=tokenizer, device=device, teacher=teacher, data=recipe.data, seed=recipe.seed, log=log,
                    samples_dir=samples_dir, teacher_fingerprint=model_spec.model_dump_json(),
@@ -327,61 +307,6 @@ def _verify(model, extras: list[_SavedExtra], staging: Path, manifest: dict, eva
             raise LlmshrinkError(f"{out_dir}: the reloaded {name} changes the logits by {diff:.3g}")
 
 
-def _write_exports(specs: list[ExportSpec], staging: Path, work_root: Path, out_dir: Path, log) -> dict:
-    """The recipe's export: section, each made from the verified checkpoint in `staging` into the work folder
-    (an export refuses a folder inside its checkpoint) and then moved to staging/exports/<name>/, so that the
-    output still appears complete by one rename; a failed export fails the run. Returns the manifest's `exports`:
-    {name: the export's record}, its paths relative to the output folder (as in its export.json there)."""
-    records = {}
-    for spec in specs:
-        scratch = work_root / f"export-{spec.folder}.partial"
-        final = staging / EXPORTS_DIR / spec.folder
-        shown = str(out_dir / EXPORTS_DIR / spec.folder)  # its log line names where it will be, not the scratch
-
-        def log_line(line: str, scratch=scratch, shown=shown) -> None:
-            log(f"  {line.replace(str(scratch), shown)}")
-
-        result = _export(spec, staging, scratch, log_line)
-        final.parent.mkdir(exist_ok=True)
-        scratch.rename(final)
-        record = {**result, "name": spec.folder, "source": ".",
-                  "path": (Path(EXPORTS_DIR) / spec.folder / Path(result["path"]).relative_to(scratch)).as_posix()}
-        atomic_write_text(final / EXPORT_FILE, json.dumps(record, indent=2) + "\n")
-        records[spec.folder] = record
-    return records
-
-
-def _check_export_runtimes(specs: list[ExportSpec]) -> None:
-    """The runtimes the exports write and check with are installed (else the export's own one line)."""
-    formats = {spec.format for spec in specs}
-    if "onnx" in formats:
-        from llmshrink.export.onnx_run import require_runtime
-
-        require_runtime()
-    if "gguf" in formats:
-        try:
-            from llmshrink.export.gguf_runtime import llama_cpp_module
-        except ImportError as err:  # the gguf package (the export extra too)
-            raise LlmshrinkError(f'gguf: the GGUF export needs {err.name}, not installed: pip install -e ".[export]"'
-                                 ) from None
-        llama_cpp_module()
-
-
-def _export(spec: ExportSpec, checkpoint: Path, out: Path, log) -> dict:
-    """Run one export (each format imported here: they pull in their runtimes)."""
-    if spec.format == "gguf":
-        from llmshrink.export.gguf import export_gguf
-
-        return export_gguf(checkpoint, out, quant=spec.quant or GGUF_DEFAULT, log=log)
-    if spec.format == "onnx":
-        from llmshrink.export.onnx import export_onnx
-
-        return export_onnx(checkpoint, out, quant=spec.quant, log=log)
-    from llmshrink.export.hf_dense import export_hf_dense
-
-    return export_hf_dense(checkpoint, out, log=log)
-
-
 def _finish_staging(staging: Path, manifest: dict, loaded: LoadedRecipe, architecture: str, notes: list[str],
                     evaluator: Evaluator) -> None:
     """Card, manifest, training curves and report, with the numbers measured on the written checkpoint."""
@@ -437,7 +362,7 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"  # set by accelerate launch / torchrun
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -460,7 +385,7 @@ def _changed_weights(model, reloaded) -> list[str]:
                        or not torch.equal(t.cpu(), theirs[name].cpu())]
 
 
-def _model_spec(recipe) -> ModelSpec:
+def model_spec_of(recipe) -> ModelSpec:
     """The recipe's model; a classifier's label count, when the recipe leaves it out, from its task's data."""
     spec = recipe.model
     if spec.task == "sequence_classification" and spec.num_labels is None:

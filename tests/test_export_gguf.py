@@ -224,6 +224,17 @@ def test_k_quants_where_rows_are_multiples_of_256(llama_cpp, tmp_path, monkeypat
     assert len(lines) == 2 and "is sensitive to rounding; measure its perplexity in llama.cpp" in lines[1]
 
 
+def test_a_bfloat16_checkpoint_is_checked_against_its_weights_in_float32(llama_cpp, tmp_path):
+    # Kronecker factors in bf16: the file holds their product in f32, the model as it runs rounds at bf16 (~1e-2 of
+    # a logit, 10x F32_RTOL): the f32 check is against the model cast to f32, the as-run difference only reported.
+    model = compress("llama", [("kronecker", {"search_iters": 2})], layers=2).to(torch.bfloat16)
+    checkpoint = save(model, tmp_path / "ckpt")
+    result = export_gguf(checkpoint, tmp_path / "out", "f32", **QUIET)
+    assert result["f32_check"]["max_abs_diff"] / result["max_abs_logit"] <= BOUNDS["f32"]
+    assert result["max_abs_logit_diff"] > 10 * result["f32_check"]["max_abs_diff"]  # bf16's own rounding
+    assert result["top1_agreement"] >= 0.9 and (tmp_path / "out" / "model-f32.gguf").is_file()
+
+
 def test_k_quants_refused_where_rows_are_not(llama_cpp, tmp_path):
     checkpoint = save(compress("llama", CASES["llama-pruned"][1]), tmp_path / "ckpt")
     with pytest.raises(LlmshrinkError) as err:

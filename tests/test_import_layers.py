@@ -78,6 +78,7 @@ LAYERS = (
     Layer("compare and push", (
         "llmshrink.compare", "llmshrink.compare_protocols", "llmshrink.pareto_plot", "llmshrink.push",
         "llmshrink.sweep",  # a target: recipe at several budgets, then compare
+        "llmshrink.plan_recipe",  # llmshrink plan: a target: recipe planned, not compressed
     )),
     Layer("cli", ("llmshrink.cli", "llmshrink.__main__")),
 )

@@ -21,7 +21,7 @@ The GGUF architecture (every key and tensor name comes from the gguf package's c
            (RMSNorm, RoPE, GQA, SwiGLU, tied or untied head)
     gpt2   GPT-2 (the converter's GPT2Model); llama.cpp's gpt2 graph has one FFN width and an n_embd x n_embd
            attention, so different FFN widths and pruned heads are refused in one line
-Tokenizers: byte-level BPE (GPT-2, SmolLM2) as tokenizer.ggml.model "gpt2" with the pre-tokenizer named by the
+Tokenizers (gguf_vocab.py): byte-level BPE (GPT-2, SmolLM2) as tokenizer.ggml.model "gpt2" with the pre-tokenizer named by the
 converter's own hash test; BPE with byte fallback (Llama 2 / MobileLLM style tokenizer.json) as "llama" through
 gguf.LlamaHfVocab (the converter's path when there is no tokenizer.model; it scores every token alike, so llama.cpp
 may merge in another order than the BPE merges: the tokenizer check then refuses); any other kind (e.g. word-level)
@@ -30,11 +30,7 @@ is refused: llama.cpp could not tokenize text as the model saw it.
 
 from __future__ import annotations
 
-import json
-import secrets
-import shutil
 from collections.abc import Callable
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +38,25 @@ import gguf
 import torch
 from torch import nn
 
-from llmshrink.checkpoint import move_into_place
 from llmshrink.checkpoint_load import load_checkpoint, load_tokenizer
 from llmshrink.corpus import builtin_text
 from llmshrink.errors import LlmshrinkError
 from llmshrink.export.gguf_runtime import gguf_logits, gguf_tokenize, llama_cpp_module, quantize, tensor_types
+from llmshrink.export.gguf_vocab import add_vocab
 from llmshrink.export.hf_dense import (
     PROBE_SHAPE,
     densify,
-    float_inputs,
-    logits,
     max_abs_diff,
-    rounding_layers,
+    probe_length,
+    reference_logits,
     top1_agreement,
 )
 from llmshrink.export.spec import GGUF_DEFAULT, GGUF_QUANTS
+from llmshrink.export.staging import check_destination, staged_folder
 from llmshrink.families import GPT2, LLAMA, block_list, join
-from llmshrink.fileio import make_readable
 from llmshrink.targeting import dense_weight
 
 FORMAT = "gguf"
-EXPORT_FILE = "export.json"
 # quant name -> llama.cpp file type. An f32 file is written and checked; every other type is made from it by
 # llama.cpp's quantizer, as llama-quantize does (norms and biases stay f32; a tensor whose rows do not fit the type's
 # block goes to another type: export.json lists the types). The k-quants are the usual mixes.
@@ -84,17 +78,6 @@ GELU_RTOL = 1e-2
 # (measured on SmolLM2-135M: f16 1e-3, q8_0 3.3e-2, q4_0 0.32 (its weights were Q4_1 already); the tests' tiny
 # models stay below). A model pruned without recovery moves much more (f16 ~8%): above this the export says so.
 EXPECTED = {"f32": F32_RTOL, "f16": 1e-2, "q8_0": 0.1, "q6_k": 0.1, "q5_k": 0.25, "q4_k": 0.5, "q4_0": 0.5}
-# convert_hf_to_gguf's get_vocab_base_pre: the sha256 of the token ids of CHECK_TEXT names the pre-tokenizer
-# llama.cpp must reproduce (its entries for the tokenizers of the models this export takes).
-CHECK_TEXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
-              '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
-              '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
-              '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
-PRE_TOKENIZERS = {
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM(2)
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
-}
 # State-dict entries that are buffers llama.cpp computes itself (the converter skips them too).
 SKIPPED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 PROBE_TEXT_CHARS = 4000  # of the built-in python_docs text: the probe's tokens and the tokenizer check
@@ -110,8 +93,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, quant: str = GGUF_DEFAU
     checkpoint, out = Path(checkpoint), Path(out)
     if quant not in QUANTS:
         raise LlmshrinkError(f"{FORMAT}: --quant {quant!r} is not a GGUF type here; allowed: {', '.join(QUANTS)}")
-    _check_destination(checkpoint, out)
+    check_destination(FORMAT, checkpoint, out)
     llama_cpp_module()  # before any work: without the runtime, one line saying what to install
+    # Not just any saved tokenizer (hf_dense.checkpoint_tokenizer): add_vocab converts the fast tokenizer's file.
     if not (checkpoint / "tokenizer.json").is_file():
         raise LlmshrinkError(f"{FORMAT}: {checkpoint} has no tokenizer.json; a GGUF carries its tokenizer so that "
                              "llama.cpp runs it alone")
@@ -119,18 +103,15 @@ def export_gguf(checkpoint: str | Path, out: str | Path, quant: str = GGUF_DEFAU
     tokenizer = load_tokenizer(checkpoint)
     text = probe_text()
     ids = text_probe(tokenizer, model.config)
-    as_run = logits(model, ids)
-    rounding = rounding_layers(model)
-    with float_inputs(model, rounding):
-        reference = logits(model, ids) if rounding else as_run
+    # The file holds float32 weights: checked against the model in float32 (a bf16 checkpoint's own rounding would
+    # exceed F32_RTOL); the difference from the model as it runs, in its own dtype, is reported.
+    as_run, reference, rounding = reference_logits(model, ids, float32=True)
     densify(model, describe=False)  # a GGUF takes per-block shapes from the tensors, no config holds them
     family, shapes, head_dim = _layout(model)
     _check_quant(quant, model)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    path = tmp / f"model-{quant}.gguf"
-    try:
-        tmp.mkdir(parents=True)
-        source = path if quant == "f32" else tmp / "source-f32.gguf"
+    with staged_folder(FORMAT, out) as staged:
+        path = staged.folder / f"model-{quant}.gguf"
+        source = path if quant == "f32" else staged.folder / "source-f32.gguf"
         arch = _write(model, tokenizer, checkpoint, source, family, shapes, head_dim)
         params = sum(p.numel() for p in model.parameters())
         del model
@@ -151,7 +132,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, quant: str = GGUF_DEFAU
             if not torch.isfinite(got).all():
                 raise LlmshrinkError(f"{FORMAT}: llama.cpp's logits of the {quant} file are not finite; nothing "
                                      "was written")
-        result = {
+        result = staged.record = {
             "format": FORMAT, "quant": quant, "path": str(out / path.name), "source": str(checkpoint),
             "architecture": arch, "ffn_widths": [s[0] for s in shapes], "head_counts": [list(s[1:]) for s in shapes],
             "params": params, "bytes": path.stat().st_size, "tensor_types": tensor_types(path),
@@ -165,15 +146,6 @@ def export_gguf(checkpoint: str | Path, out: str | Path, quant: str = GGUF_DEFAU
             "relative_diff": max_abs_diff(got, reference) / scale, "expected_relative_diff": EXPECTED[quant],
             "checked_top1_agreement": top1_agreement(got, reference),
         }
-        (tmp / EXPORT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        make_readable(tmp)
-        move_into_place(tmp, out, overwrite=False)
-    except OSError as err:  # a full disk, a folder we may not write: one line, and no half export left
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LlmshrinkError(f"{FORMAT}: cannot write {out}: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"{FORMAT}: {result['path']} ({arch}, {quant}): {params:,} params, {result['bytes'] / 1e6:.1f} MB; llama.cpp's "
         f"logits against the compressed model: max |Δ| {result['max_abs_logit_diff']:.2g}, top-1 agreement "
         f"{result['top1_agreement']:.1%}")
@@ -191,8 +163,7 @@ def probe_text() -> str:
 def text_probe(tokenizer: Any, config: Any) -> torch.Tensor:
     """PROBE_SHAPE token ids of probe_text(): logits of real text, where rounding matters as in use (random ids,
     hf-dense's probe, exaggerate quantization error ~2x on SmolLM2-135M)."""
-    count, length = PROBE_SHAPE
-    length = min(length, int(getattr(config, "max_position_embeddings", None) or config.n_positions))
+    count, length = PROBE_SHAPE[0], probe_length(config)
     ids = tokenizer(probe_text(), add_special_tokens=False).input_ids
     while len(ids) < count * length:  # a tokenizer that packs the text into few tokens: repeat it
         ids = ids + ids
@@ -207,15 +178,6 @@ def _check_tokenizer(path: Path, tokenizer: Any, text: str) -> None:
         raise LlmshrinkError(
             f"{FORMAT}: llama.cpp tokenizes the probe text differently from the checkpoint's tokenizer (from token "
             f"{at}: {got[at:at + 3]} instead of {want[at:at + 3]}); the GGUF would not read text as the model does")
-
-
-def _check_destination(checkpoint: Path, out: Path) -> None:
-    if out.exists() or out.is_symlink():
-        raise LlmshrinkError(f"{FORMAT}: {out} already exists; choose another output path (an export never overwrites)")
-    source, target = checkpoint.resolve(), out.resolve()
-    if target == source or source in target.parents:
-        raise LlmshrinkError(f"{FORMAT}: {out} is inside the checkpoint {checkpoint}, which an export never "
-                             "modifies; choose another output path")
 
 
 def _layout(model: nn.Module) -> tuple[Any, list[tuple[int, int, int]], int]:
@@ -320,7 +282,7 @@ def _write(model: nn.Module, tokenizer: Any, folder: Path, path: Path, family: A
         writer.add_rope_dimension_count(head_dim)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_vocab(writer, tokenizer, folder, int(model.get_input_embeddings().weight.shape[0]))
+    add_vocab(writer, tokenizer, folder, int(model.get_input_embeddings().weight.shape[0]))
     for key, data in _tensors(model, arch, family, heads, kv, head_dim):
         writer.add_tensor(key, data)
     writer.write_header_to_file()
@@ -362,63 +324,3 @@ def _block_index(key: str) -> int | None:
 def _permute(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     """convert_hf_to_gguf's LlamaModel.permute: each head's two rotate-half halves interleaved."""
     return weight.reshape(heads, 2, head_dim // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _add_vocab(writer: Any, tokenizer: Any, folder: Path, n_vocab: int) -> None:
-    """The tokenizer, as convert_hf_to_gguf writes it: _set_vocab_llama_hf for BPE with byte fallback,
-    _set_vocab_gpt2 (get_vocab_base + the pre-tokenizer hash) for byte-level BPE; special ids, merges, whether to
-    add BOS and the chat template through gguf.SpecialVocab."""
-    kind = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-    byte_fallback = kind.get("type") == "BPE" and bool(kind.get("byte_fallback"))
-    if kind.get("type") != "BPE":
-        raise LlmshrinkError(
-            f"{FORMAT}: the tokenizer is a {kind.get('type')} model; llama.cpp tokenizes byte-level BPE (GPT-2, "
-            "SmolLM2) and BPE with byte fallback (Llama 2, MobileLLM) the way the model saw text, not this one")
-    if len(tokenizer) > n_vocab:
-        raise LlmshrinkError(f"{FORMAT}: the tokenizer has {len(tokenizer)} tokens, the embedding {n_vocab} rows")
-    if byte_fallback:
-        tokens, scores, types = (list(x) for x in zip(*gguf.LlamaHfVocab(folder).all_tokens(), strict=True))
-        pads = range(len(tokens), n_vocab)  # embedding rows no token uses, as get_vocab_base pads them
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens + [f"[PAD{i}]" for i in pads])
-        writer.add_token_scores(scores + [-1000.0 for _ in pads])
-        writer.add_token_types(types + [gguf.TokenType.UNUSED for _ in pads])
-    else:
-        digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
-        if digest not in PRE_TOKENIZERS:
-            raise LlmshrinkError(
-                f"{FORMAT}: the tokenizer's pre-tokenizer is not one llama.cpp is known to reproduce (convert_hf_to_gguf's "
-                f"hash {digest[:16]}...; known here: {', '.join(PRE_TOKENIZERS.values())})")
-        tokens, types = _bpe_tokens(tokenizer, n_vocab)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(PRE_TOKENIZERS[digest])
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=not byte_fallback, n_vocab=n_vocab)
-    # What the checkpoint's tokenizer does, written out: llama.cpp's own default for add_bos differs by vocab.
-    special.add_special_token["bos"] = bool(tokenizer.bos_token_id is not None and
-                                            tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id])
-    special.add_to_gguf(writer, quiet=True)
-
-
-def _bpe_tokens(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[int]]:
-    """convert_hf_to_gguf's get_vocab_base: each id's token and type; ids the tokenizer lacks become unused pads."""
-    reverse = {i: token for token, i in tokenizer.vocab.items()}
-    added, decoder = tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(n_vocab):
-        token = reverse.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        kind = gguf.TokenType.NORMAL
-        if token in added:
-            if not decoder[i].normalized:  # llama.cpp expects added tokens pre-normalized
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            looks_special = token.startswith("<|") and token.endswith("|>")
-            kind = gguf.TokenType.CONTROL if decoder[i].special or looks_special else gguf.TokenType.USER_DEFINED
-        tokens.append(token)
-        types.append(kind)
-    return tokens, types

@@ -26,10 +26,10 @@ import torch
 
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.perplexity import PerplexityResult, runtime_perplexity
+from llmshrink.export.staging import INSTALL, THREADS
 
-INSTALL = ('gguf: the GGUF export writes and checks the file with llama.cpp through llama-cpp-python, which is not '
-           'installed: pip install -e ".[export]"')
-THREADS = 2  # the deployment this project measures: a small CPU
+MISSING = ("gguf: the GGUF export writes and checks the file with llama.cpp through llama-cpp-python, which is not "
+           f"installed: {INSTALL}")
 
 
 def llama_cpp_module() -> Any:
@@ -37,7 +37,7 @@ def llama_cpp_module() -> Any:
     try:
         import llama_cpp
     except ImportError:
-        raise LlmshrinkError(INSTALL) from None
+        raise LlmshrinkError(MISSING) from None
     return llama_cpp
 
 

@@ -25,9 +25,6 @@ compressed model as it runs is reported beside it.
 from __future__ import annotations
 
 import copy
-import json
-import secrets
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,17 +39,15 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from llmshrink.bnb import dequantized_weight
-from llmshrink.checkpoint import move_into_place
 from llmshrink.checkpoint_files import first_few
 from llmshrink.checkpoint_load import load_checkpoint, load_tokenizer
 from llmshrink.errors import LlmshrinkError
+from llmshrink.export.staging import check_destination, staged_folder
 from llmshrink.families import FAMILIES, Family, block_list, join
-from llmshrink.fileio import make_readable
 from llmshrink.modules import COMPRESSED_MODULES
 from llmshrink.targeting import dense_weight, is_bnb_layer, replace_module
 
 FORMAT = "hf-dense"
-EXPORT_FILE = "export.json"
 PROBE_SHAPE = (2, 32)  # sequences x tokens of the fixed probe (fewer tokens where the model's context is shorter)
 # Max |Δlogit| allowed, as a fraction of the reference's largest |logit|. fp32 rounds at 2^-24 (6e-8) relative; a
 # dense matmul sums its K products in another order than a factored forward (Kronecker, low-rank, TT, ...), which
@@ -101,9 +96,17 @@ def densify(model: nn.Module, describe: bool = True) -> nn.Module:
     if hasattr(model.config, "quantization_config"):  # bitsandbytes settings: the weights are float now
         delattr(model.config, "quantization_config")
     if describe:
-        _describe_shapes(model, plain)
-        _check_shapes(model)
+        reason = describe_config(model)
+        if reason is not None:
+            raise LlmshrinkError(f"{FORMAT}: {reason}")
     return model
+
+
+def describe_config(model: nn.Module) -> str | None:
+    """After densify(model, describe=False): set the config's FFN width and head counts to the blocks' (pruned)
+    ones and return None, or return why no plain config describes them (what densify refuses with; the config may
+    then be partly set). Every tensor must then be one a plain model of the config has."""
+    return _describe_shapes(model, _skeleton(model)) or _check_shapes(model)
 
 
 def _is_llmshrink(module: nn.Module) -> bool:
@@ -154,41 +157,40 @@ def _unshare_blocks(model: nn.Module) -> None:
         replace_module(model, name, block)
 
 
-def _describe_shapes(model: nn.Module, plain: nn.Module) -> None:
-    """Set the config's FFN width and head counts to the blocks' (pruned) ones, or refuse where they differ."""
+def _describe_shapes(model: nn.Module, plain: nn.Module) -> str | None:
+    """Set the config's FFN width and head counts to the blocks' (pruned) ones; or why not, where they differ."""
     model_type = getattr(model.config, "model_type", None)
     family = next((f for f in FAMILIES if model_type in f.model_types), None)
     if family is None:
-        return  # no known layout: _check_shapes still compares every tensor with a plain model's
+        return None  # no known layout: _check_shapes still compares every tensor with a plain model's
     ffn_key, head_keys = CONFIG_KEYS[family.name]
     list_name, blocks = block_list(model, family, FORMAT)
     first_plain = block_list(plain, family, FORMAT)[1][0]
     cls = type(model).__name__
     widths = [_ffn_width(block, family) for block in blocks]
     if len(set(widths)) > 1:
-        raise LlmshrinkError(f"{FORMAT}: the blocks of {list_name} have different FFN widths {widths}; a plain "
-                             f"{cls} config has one {ffn_key}: {REMOTE_OR_GGUF} (llama.cpp reads per-layer widths)")
+        return (f"the blocks of {list_name} have different FFN widths {widths}; a plain {cls} config has one "
+                f"{ffn_key}: {REMOTE_OR_GGUF} (llama.cpp reads per-layer widths)")
     if widths[0] != _ffn_width(first_plain, family):
         setattr(model.config, ffn_key, widths[0])
     heads = [_head_counts(block, family) for block in blocks]
     configured = _head_counts(first_plain, family)
     if head_keys is None:
         if any(count != configured for count in heads):
-            raise LlmshrinkError(
-                f"{FORMAT}: the blocks of {list_name} keep {[count[0] for count in heads]} of {configured[0]} "
-                f"attention heads; a plain {cls} takes its head size from the hidden size / heads, so no config "
-                "describes pruned heads: such a model needs the checkpoint's remote code (trust_remote_code=True)")
-        return
+            return (f"the blocks of {list_name} keep {[count[0] for count in heads]} of {configured[0]} attention "
+                    f"heads; a plain {cls} takes its head size from the hidden size / heads, so no config describes "
+                    "pruned heads: such a model needs the checkpoint's remote code (trust_remote_code=True)")
+        return None
     if len(set(heads)) > 1:
-        raise LlmshrinkError(
-            f"{FORMAT}: the blocks of {list_name} have different head counts (query, key-value) {heads}; a plain "
-            f"{cls} config has one {head_keys[0]} and {head_keys[1]}: {REMOTE_OR_GGUF} (llama.cpp reads "
-            "per-layer head counts)")
+        return (f"the blocks of {list_name} have different head counts (query, key-value) {heads}; a plain {cls} "
+                f"config has one {head_keys[0]} and {head_keys[1]}: {REMOTE_OR_GGUF} (llama.cpp reads per-layer "
+                "head counts)")
     if heads[0] != configured:
         attention = blocks[0].get_submodule(family.attention)
         model.config.head_dim = int(getattr(attention, family.head_dim))  # no longer hidden_size / heads
         for key, count in zip(head_keys, heads[0], strict=True):
             setattr(model.config, key, count)
+    return None
 
 
 def _ffn_width(block: nn.Module, family: Family) -> int:
@@ -207,16 +209,16 @@ def _head_counts(block: nn.Module, family: Family) -> tuple[int, ...]:
     return int(q), int(k)
 
 
-def _check_shapes(model: nn.Module) -> None:
-    """Every tensor must be one a plain model of the (updated) config has, of the same shape."""
+def _check_shapes(model: nn.Module) -> str | None:
+    """None where every tensor is one a plain model of the (updated) config has, of the same shape; else which not."""
     plain = _skeleton(model)
     want = {key: tuple(t.shape) for key, t in plain.state_dict().items()}
     have = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     for key in sorted(want.keys() | have.keys()):
         if want.get(key) != have.get(key):
-            raise LlmshrinkError(
-                f"{FORMAT}: {key}: the densified model has {have.get(key, 'no such tensor')}, a plain "
-                f"{type(plain).__name__} of its config {want.get(key, 'no such tensor')}")
+            return (f"{key}: the densified model has {have.get(key, 'no such tensor')}, a plain "
+                    f"{type(plain).__name__} of its config {want.get(key, 'no such tensor')}")
+    return None
 
 
 def _skeleton(model: nn.Module) -> nn.Module:
@@ -254,25 +256,20 @@ def export_hf_dense(checkpoint: str | Path, out: str | Path, log: Callable[[str]
     """Write checkpoint `checkpoint` as a plain transformers model at `out` (a new folder), verified by reloading it
     with plain transformers; returns (and writes to out/export.json) what was written and how it compares."""
     checkpoint, out = Path(checkpoint), Path(out)
-    _check_destination(checkpoint, out)
+    check_destination(FORMAT, checkpoint, out)
     model = load_checkpoint(checkpoint)
-    tokenizer = load_tokenizer(checkpoint) if (checkpoint / "tokenizer_config.json").is_file() else None
+    tokenizer = checkpoint_tokenizer(checkpoint)
     ids = probe_ids(model.config)
-    as_run = logits(model, ids)
-    rounding = rounding_layers(model)
-    with float_inputs(model, rounding):
-        reference = logits(model, ids) if rounding else as_run
+    as_run, reference, rounding = reference_logits(model, ids)
     densify(model)
     dtype = weights_dtype(model)
     auto = _auto_class(model)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tmp)  # safetensors; tied weights written once
+    with staged_folder(FORMAT, out) as staged:
+        model.save_pretrained(staged.folder)  # safetensors; tied weights written once
         del model
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        got, params, architecture = _reload(auto, tmp, dtype, ids)
+            tokenizer.save_pretrained(staged.folder)
+        got, params, architecture = _reload(auto, staged.folder, dtype, ids)
         checked = max_abs_diff(got, reference)
         rtol = RTOL.get(dtype, RTOL[torch.float32])
         tolerance = rtol * float(reference.abs().max())
@@ -280,25 +277,16 @@ def export_hf_dense(checkpoint: str | Path, out: str | Path, log: Callable[[str]
             raise LlmshrinkError(
                 f"{FORMAT}: the exported model's logits differ from the compressed model's by {checked:.3g} "
                 f"(max |Δ|), above the tolerance {tolerance:.3g} ({rtol:g} x max |logit|); nothing was written")
-        result = {
+        result = staged.record = {
             "format": FORMAT, "path": str(out), "source": str(checkpoint), "architecture": architecture,
             "dtype": str(dtype).removeprefix("torch."),
-            "params": params, "bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+            "params": params, "bytes": sum(f.stat().st_size for f in staged.folder.glob("*.safetensors")),
             "probe": {"sequences": int(ids.shape[0]), "tokens": int(ids.numel())},
             # Against the compressed model as it runs (its run-time rounding included).
             "max_abs_logit_diff": max_abs_diff(got, as_run), "top1_agreement": top1_agreement(got, as_run),
             # Against what the tolerance applies to: the same, with the rounding layers computing in float.
             "rounding_layers": len(rounding), "checked_max_abs_diff": checked, "tolerance": tolerance,
         }
-        (tmp / EXPORT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        make_readable(tmp)
-        move_into_place(tmp, out, overwrite=False)
-    except OSError as err:  # a full disk, a folder we may not write: one line, and no half export left
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LlmshrinkError(f"{FORMAT}: cannot write {out}: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"{FORMAT}: {out}: {params:,} params, {result['bytes'] / 1e6:.1f} MB; logits against the compressed model: "
         f"max |Δ| {result['max_abs_logit_diff']:.2g}, top-1 agreement {result['top1_agreement']:.1%}")
     if rounding:
@@ -307,13 +295,9 @@ def export_hf_dense(checkpoint: str | Path, out: str | Path, log: Callable[[str]
     return result
 
 
-def _check_destination(checkpoint: Path, out: Path) -> None:
-    if out.exists() or out.is_symlink():
-        raise LlmshrinkError(f"{FORMAT}: {out} already exists; choose another output path (an export never overwrites)")
-    source, target = checkpoint.resolve(), out.resolve()
-    if target == source or source in target.parents:
-        raise LlmshrinkError(f"{FORMAT}: {out} is inside the checkpoint {checkpoint}, which an export never "
-                             "modifies; choose another output path")
+def checkpoint_tokenizer(checkpoint: Path) -> Any:
+    """The checkpoint's tokenizer, or None where it saved none (every export copies it when there is one)."""
+    return load_tokenizer(checkpoint) if (checkpoint / "tokenizer_config.json").is_file() else None
 
 
 def _reload(auto: str, folder: Path, dtype: torch.dtype, ids: torch.Tensor) -> tuple[torch.Tensor, int, str]:
@@ -341,11 +325,35 @@ def _auto_class(model: nn.Module) -> str:
 # --- the probe and the comparison ------------------------------------------------------------------------
 
 
+def probe_length(config: Any) -> int:
+    """Tokens per probe sequence: PROBE_SHAPE's, or the model's context where that is shorter (GPT-2's config maps
+    max_position_embeddings to n_positions; a config that names neither: PROBE_SHAPE's)."""
+    length = PROBE_SHAPE[1]
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(length, int(context or length))
+
+
 def probe_ids(config: Any) -> torch.Tensor:
     """Fixed token ids (seeded) within the vocabulary and the context length."""
-    count, length = PROBE_SHAPE
-    length = min(length, int(getattr(config, "max_position_embeddings", None) or length))
-    return torch.randint(0, int(config.vocab_size), (count, length), generator=torch.Generator().manual_seed(0))
+    shape = (PROBE_SHAPE[0], probe_length(config))
+    return torch.randint(0, int(config.vocab_size), shape, generator=torch.Generator().manual_seed(0))
+
+
+def reference_logits(model: nn.Module, ids: torch.Tensor,
+                     float32: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(as run, reference, rounding layers): the compressed model's logits of `ids` as it runs, and the reference
+    an export is checked against: the same with its rounding layers computing in float (see the docstring).
+    `float32` (a file of float32 weights): the model is then cast to float32 in place for the reference, so that a
+    half-precision checkpoint's own rounding (bf16: ~1e-2 of a logit) is not held against the file."""
+    as_run = logits(model, ids)
+    cast = float32 and any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters())
+    if cast:
+        model.float()
+    rounding = rounding_layers(model)
+    if not rounding and not cast:
+        return as_run, as_run, rounding
+    with float_inputs(model, rounding):
+        return as_run, logits(model, ids), rounding
 
 
 @torch.no_grad()

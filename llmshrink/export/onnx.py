@@ -12,7 +12,8 @@ dynamic; a prefill passes an empty past. Encoders (BERT family): input_ids, atte
 counts that differ between blocks export (densified in memory; config.json only where a plain config holds them).
 
 Checks after every export, in onnxruntime (CPU, 2 threads): prefill logits of a fixed probe against the compressed
-model's (its run-time input rounding off, as in hf_dense; the difference from it as it runs is reported too); for
+model's in float32 (its run-time input rounding off, as in hf_dense; a half-precision checkpoint cast to float32, as
+the graph holds it; the difference from the model as it runs is reported too); for
 decoders, DECODE_TOKENS steps with the KV cache along PyTorch's greedy path (generate(do_sample=False)): each step's
 logits against PyTorch's, and whether onnxruntime picks the same token. The fp32 graph, always: max |Δ| <= 1e-4 x
 max |logit| and the same greedy tokens, or nothing is written. A quantized graph (made from that one): measured
@@ -22,10 +23,7 @@ and reported (export.json), refused only past QUANT_LIMIT.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import secrets
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,27 +35,23 @@ from torch import nn
 from transformers import DynamicCache, GenerationConfig
 from transformers.pytorch_utils import Conv1D
 
-from llmshrink.checkpoint import move_into_place
-from llmshrink.checkpoint_load import load_checkpoint, load_tokenizer
+from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.encoders import is_encoder
 from llmshrink.errors import LlmshrinkError
 from llmshrink.export.hf_dense import (
     RTOL,
+    checkpoint_tokenizer,
     densify,
-    float_inputs,
-    logits,
+    describe_config,
     probe_ids,
-    rounding_layers,
+    reference_logits,
     top1_agreement,
-    weights_dtype,
 )
 from llmshrink.export.onnx_run import FORMAT, MODEL_FILE, OnnxModel, require_runtime
 from llmshrink.export.spec import ONNX_QUANTS
-from llmshrink.fileio import make_readable
-from llmshrink.modules import COMPRESSED_MODULES
-from llmshrink.targeting import is_bnb_layer, replace_module
+from llmshrink.export.staging import check_destination, staged_folder
+from llmshrink.targeting import replace_module
 
-EXPORT_FILE = "export.json"
 PROMPT_TOKENS, DECODE_TOKENS = 8, 16  # the greedy check: a prompt from the probe, then this many new tokens
 # --quant: what onnxruntime's quantizers do (an embedding table: 8 bits per tensor, dequantized after the Gather).
 # (The names come from export/spec.py, which the recipe validates them with.)
@@ -72,6 +66,7 @@ QUANTS = dict(zip(ONNX_QUANTS, (
 # equals PyTorch's): int8 x1.66 at 0.26x the size (one scale per activation tensor cannot hold the outlier channels
 # entering the FFN down-projections), int8-weights x1.003 at 0.34x, int4-weights x1.32 at 0.22x.
 QUANT_LIMIT = 1.0
+FP32_RTOL = RTOL[torch.float32]  # the fp32 graph against the model in float32 (hf_dense.reference_logits)
 PAST, PRESENT, KV = "past_key_values.{}.{}", "present.{}.{}", ("key", "value")
 
 
@@ -87,50 +82,40 @@ def export_onnx(checkpoint: str | Path, out: str | Path, quant: str | None = Non
         raise LlmshrinkError(f"{FORMAT}: --quant {quant!r} is not an ONNX quantization; allowed: none (fp32), "
                              f"{', '.join(QUANTS)}")
     require_runtime()
-    _check_destination(checkpoint, out)
+    check_destination(FORMAT, checkpoint, out)
     model = load_checkpoint(checkpoint)
-    tokenizer = load_tokenizer(checkpoint) if (checkpoint / "tokenizer_config.json").is_file() else None
+    tokenizer = checkpoint_tokenizer(checkpoint)
     decoder = not is_encoder(model.config)
     ids = probe_ids(model.config)
-    as_run = logits(model, ids)
-    rounding = rounding_layers(model)
-    with float_inputs(model, rounding):
-        reference = logits(model, ids) if rounding else as_run
-    rtol = RTOL.get(weights_dtype(model), RTOL[torch.float32])
-    plain_config = _densify(model)
-    _conv1d_to_linear(model.float())
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir(parents=True)
+    # The graph holds float32 weights: checked against the model in float32 (the as-run difference, in the
+    # checkpoint's own dtype, is reported).
+    as_run, reference, rounding = reference_logits(model, ids, float32=True)
+    densify(model, describe=False)  # ONNX holds any per-block shape: all it needs is dense layers
+    config_refusal = describe_config(model)  # None: config.json describes the graph's shapes
+    _conv1d_to_linear(model)
+    with staged_folder(FORMAT, out) as staged:
+        tmp = staged.folder
         graph = tmp / ("fp32.onnx" if quant else MODEL_FILE)
         (_export_decoder if decoder else _export_encoder)(model, graph)
         probe = ids, as_run, reference
-        checked = _checks(model, OnnxModel(graph), probe, None, rtol)  # the graph itself, in fp32: tight
+        checked = _checks(model, OnnxModel(graph), probe, None)  # the graph itself, in fp32: tight
         _verdict(checked, None)
         fp32 = {}
         if quant:
             _quantize(graph, tmp / MODEL_FILE, quant)
-            fp32, checked = checked, _checks(model, OnnxModel(tmp / MODEL_FILE), probe, quant, rtol)
+            fp32, checked = checked, _checks(model, OnnxModel(tmp / MODEL_FILE), probe, quant)
             _verdict(checked, quant)
-        result = {"format": FORMAT, "path": str(out), "source": str(checkpoint), "quant": quant or "fp32",
-                  "kind": "decoder" if decoder else "encoder", "plain_config": plain_config is None,
-                  **({"plain_config_refused": plain_config} if plain_config else {}),
-                  "bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_FILE)),
-                  "probe": {"sequences": int(ids.shape[0]), "tokens": int(ids.numel())},
-                  "rounding_layers": len(rounding), **checked, **({"fp32_graph": fp32} if fp32 else {})}
-        if plain_config is None:
+        result = staged.record = {
+            "format": FORMAT, "path": str(out), "source": str(checkpoint), "quant": quant or "fp32",
+            "kind": "decoder" if decoder else "encoder", "plain_config": config_refusal is None,
+            **({"plain_config_refused": config_refusal} if config_refusal else {}),
+            "bytes": sum(f.stat().st_size for f in tmp.iterdir() if f.name.startswith(MODEL_FILE)),
+            "probe": {"sequences": int(ids.shape[0]), "tokens": int(ids.numel())},
+            "rounding_layers": len(rounding), **checked, **({"fp32_graph": fp32} if fp32 else {})}
+        if config_refusal is None:
             model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / EXPORT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        make_readable(tmp)
-        move_into_place(tmp, out, overwrite=False)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LlmshrinkError(f"{FORMAT}: cannot write {out}: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     greedy = result.get("greedy")
     log(f"{FORMAT}: {out}: {result['quant']}, {result['bytes'] / 1e6:.1f} MB; logits in onnxruntime against the "
         f"compressed model: max |Δ| {result['max_abs_logit_diff']:.2g}, ||Δ|| / ||logits|| "
@@ -139,7 +124,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, quant: str | None = Non
     return result
 
 
-def _checks(model: nn.Module, runtime: OnnxModel, probe: tuple, quant: str | None, rtol: float) -> dict[str, Any]:
+def _checks(model: nn.Module, runtime: OnnxModel, probe: tuple, quant: str | None) -> dict[str, Any]:
     """The exported graph in onnxruntime against PyTorch: prefill logits of the probe, and for a decoder greedy
     decoding with the KV cache."""
     ids, as_run, reference = probe
@@ -148,43 +133,21 @@ def _checks(model: nn.Module, runtime: OnnxModel, probe: tuple, quant: str | Non
              # Against the compressed model as it runs (its run-time rounding included).
              "max_abs_logit_diff": float((got - as_run).abs().max()), "top1_agreement": top1_agreement(got, as_run),
              # Against the reference the limit applies to: the same, with the rounding layers in float.
-             **_compare(got, reference, quant, rtol)}
+             **_compare(got, reference, quant)}
     if runtime.is_decoder:
-        found["greedy"] = _check_cache(model, runtime, ids[:1, :PROMPT_TOKENS], quant, rtol)
+        found["greedy"] = _check_cache(model, runtime, ids[:1, :PROMPT_TOKENS], quant)
     return found
 
 
-def _compare(got: torch.Tensor, reference: torch.Tensor, quant: str | None, rtol: float) -> dict[str, Any]:
-    """Both measures of the difference, and which one the limit applies to: max |Δ| for fp32 (rtol x max |logit|),
+def _compare(got: torch.Tensor, reference: torch.Tensor, quant: str | None) -> dict[str, Any]:
+    """Both measures of the difference, and which one the limit applies to: max |Δ| for fp32 (FP32_RTOL x max |logit|),
     ||Δ|| / ||logits|| for a quantized graph (QUANT_LIMIT)."""
     diff = got - reference
     found = {"checked_max_abs_diff": float(diff.abs().max()),
              "checked_relative_error": float(diff.norm() / reference.norm())}
     if quant:
         return {**found, "checked": "relative_error", "limit": QUANT_LIMIT}
-    return {**found, "checked": "max_abs_diff", "limit": rtol * float(reference.abs().max())}
-
-
-def _check_destination(checkpoint: Path, out: Path) -> None:
-    if out.exists() or out.is_symlink():
-        raise LlmshrinkError(f"{FORMAT}: {out} already exists; choose another output path (an export never overwrites)")
-    source, target = checkpoint.resolve(), out.resolve()
-    if target == source or source in target.parents:
-        raise LlmshrinkError(f"{FORMAT}: {out} is inside the checkpoint {checkpoint}, which an export never "
-                             "modifies; choose another output path")
-
-
-def _densify(model: nn.Module) -> str | None:
-    """hf_dense.densify in place; None, or why no plain config describes the model (per-layer FFN widths or head
-    counts: densify refuses them only after every layer is dense, which is all ONNX needs)."""
-    try:
-        densify(model)
-    except LlmshrinkError as err:
-        left = [name for name, m in model.named_modules() if type(m).__name__ in COMPRESSED_MODULES or is_bnb_layer(m)]
-        if left:
-            raise
-        return str(err).removeprefix("hf-dense: ")
-    return None
+    return {**found, "checked": "max_abs_diff", "limit": FP32_RTOL * float(reference.abs().max())}
 
 
 def _conv1d_to_linear(model: nn.Module) -> None:
@@ -369,8 +332,7 @@ def _quantize(fp32: Path, path: Path, quant: str) -> None:
 
 
 @torch.no_grad()
-def _check_cache(model: nn.Module, runtime: OnnxModel, prompt: torch.Tensor, quant: str | None,
-                 rtol: float) -> dict[str, Any]:
+def _check_cache(model: nn.Module, runtime: OnnxModel, prompt: torch.Tensor, quant: str | None) -> dict[str, Any]:
     """PyTorch's greedy decode (generate, no stop at EOS); onnxruntime decodes the same tokens one by one with its
     KV cache: each step's logits against PyTorch's on the whole sequence, and the token each step picks."""
     settings = GenerationConfig(max_new_tokens=DECODE_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -386,4 +348,4 @@ def _check_cache(model: nn.Module, runtime: OnnxModel, prompt: torch.Tensor, qua
     same = [a == b for a, b in zip(picked, want, strict=True)]
     return {"prompt_tokens": int(prompt.shape[1]), "new_tokens": len(want), "pytorch_tokens": want,
             "onnx_tokens": picked, "same_tokens": all(same), "agreement": sum(same) / len(same),
-            "first_difference": None if all(same) else same.index(False), **_compare(got, reference, quant, rtol)}
+            "first_difference": None if all(same) else same.index(False), **_compare(got, reference, quant)}

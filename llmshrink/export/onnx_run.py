@@ -19,11 +19,10 @@ import torch
 
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.perplexity import PerplexityResult, runtime_perplexity
+from llmshrink.export.staging import INSTALL, THREADS
 
 FORMAT = "onnx"
 MODEL_FILE = "model.onnx"
-INSTALL = 'pip install -e ".[export]"'
-THREADS = 2
 PAST = "past_key_values."
 
 
