@@ -64,3 +64,14 @@ def _list_to_tuple(value: Any) -> Any:
 # Strict mode takes only a real tuple for a tuple field; YAML has lists, so a list becomes a tuple first
 # (its items are still checked strictly).
 AsTuple = BeforeValidator(_list_to_tuple)
+
+
+def first_repeat(names: list[str]) -> tuple[int, int] | None:
+    """(index, index of its first occurrence) of the first name that occurs twice, or None: for the
+    `duplicate_name` errors of named lists, which describe_error places at the later item's name."""
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in seen:
+            return index, seen[name]
+        seen[name] = index
+    return None

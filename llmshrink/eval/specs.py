@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from llmshrink.errors import LlmshrinkError, did_you_mean
 from llmshrink.eval import EVALS_DIR
+from llmshrink.fields import first_repeat
 from llmshrink.specs import LOCAL_DATA_SUFFIXES, DataSpec, Spec
 
 SUMMARY_PROMPT = "Summarize the dialogue.\n{input}\nSummary:"
@@ -188,14 +189,12 @@ class EvaluateSpec(Spec):
     @field_validator("perplexity")
     @classmethod
     def _unique_names(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            seen: dict[str, int] = {}
-            for index, spec in enumerate(value):
-                if spec.label in seen:
-                    raise PydanticCustomError(
-                        "duplicate_name", "duplicate name '{name}' (also evaluate.perplexity[{first}]); each "
-                        "dataset needs its own name", {"name": spec.label, "first": seen[spec.label], "index": index})
-                seen[spec.label] = index
+        repeat = first_repeat([spec.label for spec in value]) if isinstance(value, list) else None
+        if repeat is not None:
+            index, first = repeat
+            raise PydanticCustomError(
+                "duplicate_name", "duplicate name '{name}' (also evaluate.perplexity[{first}]); each dataset needs "
+                "its own name", {"name": value[index].label, "first": first, "index": index})
         return value
 
     @property

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from llmshrink.fields import first_repeat
 from llmshrink.specs import Spec
 
 FORMATS = ("hf-dense", "gguf", "onnx")
@@ -62,13 +63,11 @@ class ExportSpec(Spec):
 
 def check_export_names(exports: list[ExportSpec]) -> list[ExportSpec]:
     """Each export's folder is its own (pydantic's duplicate_name error, which describe_error places at .name)."""
-    seen: dict[str, int] = {}
-    for index, spec in enumerate(exports):
-        if spec.folder in seen:
-            raise PydanticCustomError(
-                "duplicate_name", "duplicate export folder '{name}' (also export[{first}]); give one of them a "
-                "name:", {"name": spec.folder, "first": seen[spec.folder], "index": index})
-        seen[spec.folder] = index
+    repeat = first_repeat([spec.folder for spec in exports])
+    if repeat is not None:
+        index, first = repeat
+        raise PydanticCustomError("duplicate_name", "duplicate export folder '{name}' (also export[{first}]); give one "
+                                  "of them a name:", {"name": exports[index].folder, "first": first, "index": index})
     return exports
 
 
