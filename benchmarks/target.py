@@ -47,39 +47,44 @@ BLOCKS, HIDDEN, FFN = 30, 576, 1536
 MLP_PARAMS = 3 * HIDDEN * FFN
 ATTENTION_PARAMS = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * 192
 BASE_PARAMS = 134_515_008
-DISTILL = {"distill": {"steps": 50, "batch_size": 4, "seq_len": 128, "lr": 3.0e-4, "warmup_steps": 5, "alpha": 0.5,
-                       "temperature": 2.0}}
-DATA = {"source": "mix", "tokens": 25600, "teacher_share": 0.5,
-        "corpus": {"source": "builtin:shakespeare", "split": "train"}}
-EVALUATE = {"perplexity": [
-    {"name": "shakespeare", "data": {"source": "builtin:shakespeare", "split": "test", "max_tokens": 4096},
-     "window": 512, "stride": 256},
-    {"name": "python_docs", "domain": "out", "data": {"source": "builtin:python_docs", "split": "test",
-                                                      "max_tokens": 4096}, "window": 512, "stride": 256},
-], "latency": None, "memory": False, "after_each_stage": False}
 
 
-def compression(row: str, kind: str, value: float) -> dict | list | None:
+def settings(steps: int, eval_tokens: int) -> tuple[dict, dict, dict]:
+    """(the distill stage, the data: section, the evaluate: section) of every row: `steps` x 4 x 128 tokens."""
+    distill = {"distill": {"steps": steps, "batch_size": 4, "seq_len": 128, "lr": 3.0e-4,
+                           "warmup_steps": min(5, steps - 1), "alpha": 0.5, "temperature": 2.0}}
+    data = {"source": "mix", "tokens": steps * 4 * 128, "teacher_share": 0.5,
+            "corpus": {"source": "builtin:shakespeare", "split": "train"}}
+    evaluate = {"perplexity": [
+        {"name": "shakespeare", "data": {"source": "builtin:shakespeare", "split": "test", "max_tokens": eval_tokens},
+         "window": 512, "stride": 256},
+        {"name": "python_docs", "domain": "out", "data": {"source": "builtin:python_docs", "split": "test",
+                                                          "max_tokens": eval_tokens}, "window": 512, "stride": 256},
+    ], "latency": None, "memory": False, "after_each_stage": False}
+    return distill, data, evaluate
+
+
+def compression(row: str, kind: str, value: float, search: dict) -> dict | list | None:
     """The row's compression at this budget: {"target": ..., "search": ...} or a list of stages; None when the
     row has no setting at this budget."""
     need = BASE_PARAMS - int(value * BASE_PARAMS)
+    tokens = search["calibration_tokens"]
     if row == "planned":
-        search = {"calibration_tokens": 1024}
         if kind == "bytes":
-            search["quantize"] = ["int8-dynamic", "bnb-nf4"]
+            search = {"quantize": ["int8-dynamic", "bnb-nf4"], **search}
         return {"target": {kind: value}, "search": search}
     if kind == "bytes":
         return [{"quantize": {"method": "bnb-nf4"}}] if row == "nf4" else None
     block = MLP_PARAMS + ATTENTION_PARAMS + 2 * HIDDEN
     if row == "drop_layers":
-        return [{"drop_layers": {"keep": BLOCKS - math.ceil(need / block), "calibration_tokens": 1024}}]
+        return [{"drop_layers": {"keep": BLOCKS - math.ceil(need / block), "calibration_tokens": tokens}}]
     if row == "prune_ffn":  # a margin for the per-block rounding to multiples of 8
         keep = 1 - need / (BLOCKS * MLP_PARAMS) - 0.004
         return [{"prune_ffn": {"keep": round(keep, 4), "scope": "global", "min_keep": 64, "multiple_of": 8,
-                               "calibration_tokens": 1024}}]
+                               "calibration_tokens": tokens}}]
     if row == "low_rank":
         ratio = 1 - need / (BLOCKS * (MLP_PARAMS + ATTENTION_PARAMS)) - 0.003
-        return [{"low_rank": {"ratio": round(ratio, 4), "activation_aware": True, "calibration_tokens": 1024}}]
+        return [{"low_rank": {"ratio": round(ratio, 4), "activation_aware": True, "calibration_tokens": tokens}}]
     if row == "kronecker":
         return [{"kronecker": {"targets": r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj", "a_shape": [32, 24],
                                "rank": 4, "select_layers": math.ceil(need / (0.99 * MLP_PARAMS)),
@@ -90,15 +95,15 @@ def compression(row: str, kind: str, value: float) -> dict | list | None:
     return None
 
 
-def recipe(row: str, kind: str, value: float, out: Path) -> dict | None:
-    setting = compression(row, kind, value)
+def recipe(row: str, kind: str, value: float, out: Path, args: argparse.Namespace) -> dict | None:
+    setting = compression(row, kind, value, {"calibration_tokens": args.calibration_tokens, **json.loads(args.search)})
     if setting is None:
         return None
-    stages = [*(setting if isinstance(setting, list) else []), DISTILL]
-    raw = {"name": f"target-{kind}-{value:g}-{row}", "seed": 0, "model": {"id": MODEL}, "data": DATA,
-           **(setting if isinstance(setting, dict) else {}), "stages": stages, "evaluate": EVALUATE,
-           "output": {"dir": str(out)}}
-    return raw
+    distill, data, evaluate = settings(args.steps, args.eval_tokens)
+    stages = [*(setting if isinstance(setting, list) else []), distill]
+    return {"name": f"target-{kind}-{value:g}-{row}", "seed": 0, "model": {"id": MODEL}, "data": data,
+            **(setting if isinstance(setting, dict) else {}), "stages": stages, "evaluate": evaluate,
+            "output": {"dir": str(out)}}
 
 
 def main() -> None:
@@ -110,6 +115,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (about 0.5 GB each)")
     parser.add_argument("--table", action="store_true", help="no runs: print the table of --json")
     parser.add_argument("--plot", default="docs/target.png", help="params vs out-of-domain perplexity of each row")
+    parser.add_argument("--steps", type=int, default=50, help="distillation steps of every row (x 4 x 128 tokens)")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each perplexity text")
+    parser.add_argument("--calibration-tokens", type=int, default=1024, help="of the planner and the passes")
+    parser.add_argument("--search", default="{}", help="JSON settings over the planned row's search: section")
     args = parser.parse_args()
     path = Path(args.json)
     results: dict = json.loads(path.read_text()) if path.is_file() else {}
@@ -119,15 +128,16 @@ def main() -> None:
             for row in args.rows.split(","):
                 key = f"{kind}:{float(value):g}/{row}"
                 if key not in results:
-                    run_row(key, row, kind, float(value), Path(args.work), args.keep, results, path)
+                    run_row(key, row, kind, float(value), args, results, path)
     print_table(results)
     if args.plot:
         save_plot(results, Path(args.plot))
 
 
-def run_row(key: str, row: str, kind: str, value: float, work: Path, keep: bool, results: dict, path: Path) -> None:
+def run_row(key: str, row: str, kind: str, value: float, args: argparse.Namespace, results: dict, path: Path) -> None:
+    work = Path(args.work)
     out = work / key.replace(":", "-").replace("/", "-")
-    raw = recipe(row, kind, value, out)
+    raw = recipe(row, kind, value, out, args)
     if raw is None:
         return
     work.mkdir(parents=True, exist_ok=True)
@@ -149,7 +159,7 @@ def run_row(key: str, row: str, kind: str, value: float, work: Path, keep: bool,
                                 "base_loss": plan["base"]["loss"], "solver": plan["solver"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
-    if not keep:
+    if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
 
 

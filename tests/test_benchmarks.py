@@ -145,3 +145,23 @@ def test_encoders_benchmark_prints_rows_against_the_fine_tuned_base_and_skips_th
     assert re.search(r"^  ffn: (MET|not met: .*params 0\.\d\dx)", done.stdout, re.M)  # ffn: > 0.5x params
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "every row is in" in again.stdout and json.loads(results.read_text()) == saved
+
+
+@pytest.mark.slow
+def test_target_benchmark_runs_the_planned_and_single_pass_rows_and_plots(tmp_path):
+    results, png = tmp_path / "target.json", tmp_path / "target.png"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "target.py"), "--budgets", "params:0.9",
+           "--rows", "planned,drop_layers", "--steps", "1", "--eval-tokens", "600", "--calibration-tokens", "128",
+           "--search", '{"drop_layers": false, "prune_heads": [], "prune_ffn": [0.25]}', "--json", str(results),
+           "--work", str(tmp_path / "work"), "--plot", str(png)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = json.loads(results.read_text())
+    assert list(saved) == ["base", "params:0.9/planned", "params:0.9/drop_layers"]
+    planned = saved["params:0.9/planned"]
+    limit = int(0.9 * saved["base"]["params"])
+    assert planned["params"] <= limit and saved["params:0.9/drop_layers"]["params"] <= limit
+    assert planned["plan"]["decisions"] and all(d.endswith("prune_ffn 0.25") for d in planned["plan"]["decisions"])
+    assert re.search(r"^\| params:0.9 \| planned \| 0\.\d+x \| 0\.\d+x \| yes \|", done.stdout, re.M)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "work" / "params-0.9-planned").exists()  # checkpoints go unless --keep
