@@ -47,6 +47,11 @@ class Measured:
         return getattr(self, kind)
 
 
+def calibration_window(model: nn.Module) -> int:
+    """WINDOW, or the model's positions where it has fewer."""
+    return min(WINDOW, max_positions(model) or WINDOW)
+
+
 def calibration_ids(ctx: Context, tokens: int, window: int) -> torch.Tensor:
     """`tokens` tokens of the training text as whole windows spread evenly over it, one after another."""
     ids = ctx.train_token_ids()
@@ -104,7 +109,7 @@ def cache_file(root: Path, model: nn.Module, ctx: Context, tokens: int) -> Path:
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    window = min(WINDOW, max_positions(model) or WINDOW)
+    window = calibration_window(model)
     for ids in (calibration_ids(ctx, tokens, window), ctx.train_token_ids()[:tokens]):
         digest.update(ids.numpy().tobytes())
     digest.update(f"{tokens} {__version__}".encode())
@@ -117,7 +122,7 @@ BASE_KEY = "base"
 def measure_all(model: nn.Module, candidates: list[Candidate], ctx: Context, tokens: int,
                 cache: MeasurementCache, log: Callable[[str], None] = print) -> tuple[Measured, dict[str, Measured]]:
     """The base's measurement and each candidate's, from the cache where it has them."""
-    window = min(WINDOW, max_positions(model) or WINDOW)
+    window = calibration_window(model)
     ids = calibration_ids(ctx, tokens, window)
     torch.manual_seed(ctx.seed)
     base = cache.get(BASE_KEY)

@@ -28,14 +28,13 @@ from llmshrink.blocks import find_blocks
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.macs import macs_per_token
-from llmshrink.eval.perplexity import max_positions
 from llmshrink.planning.candidates import Candidate, block_choices, emit_stages, make_candidates
 from llmshrink.planning.measure import (
-    WINDOW,
     Measured,
     MeasurementCache,
     cache_file,
     calibration_ids,
+    calibration_window,
     measure,
     measure_all,
 )
@@ -161,7 +160,7 @@ def _options(candidates: list[Candidate], measured: dict[str, Measured], base: M
 def check_planned(model: nn.Module, planned: Planned, ctx: Context) -> dict[str, Any]:
     """After the planned stages: the model's exact size must be the plan's; its loss, measured jointly, is
     recorded beside the estimate (the sum of the decisions' losses taken alone)."""
-    window = min(WINDOW, max_positions(model) or WINDOW)
+    window = calibration_window(model)
     got = measure(model, calibration_ids(ctx, planned.record["calibration_tokens"], window), window, ctx.device)
     sizes = {k: got.size(k) for k in ("params", "bytes", "macs")}
     if sizes[planned.kind] != planned.predicted[planned.kind]:
