@@ -8,7 +8,7 @@ from pathlib import Path
 
 from llmshrink.errors import LlmshrinkError
 from llmshrink.export.spec import EXPORTS_DIR, GGUF_DEFAULT, ExportSpec
-from llmshrink.export.staging import EXPORT_FILE
+from llmshrink.export.staging import EXPORT_FILE, INSTALL
 from llmshrink.fileio import atomic_write_text
 
 
@@ -47,8 +47,7 @@ def check_runtimes(specs: list[ExportSpec]) -> None:
         try:
             from llmshrink.export.gguf_runtime import llama_cpp_module
         except ImportError as err:  # the gguf package (the export extra too)
-            raise LlmshrinkError(f'gguf: the GGUF export needs {err.name}, not installed: pip install -e ".[export]"'
-                                 ) from None
+            raise LlmshrinkError(f"gguf: the GGUF export needs {err.name}, not installed: {INSTALL}") from None
         llama_cpp_module()
 
 
