@@ -165,3 +165,26 @@ def test_target_benchmark_runs_the_planned_and_single_pass_rows_and_plots(tmp_pa
     assert re.search(r"^\| params:0.9 \| planned \| 0\.\d+x \| 0\.\d+x \| yes \|", done.stdout, re.M)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "work" / "params-0.9-planned").exists()  # checkpoints go unless --keep
+
+
+@pytest.mark.slow
+def test_deploy_benchmark_measures_each_runtime_against_pytorch_fp32_and_checks_the_target(tmp_path):
+    pytest.importorskip("llama_cpp", reason='the export extra: pip install -e ".[export]"')
+    results, work = tmp_path / "deploy.json", tmp_path / "work"
+    # "again" is the base's own checkpoint taken as a compressed one: its q4_0 row gets a target line.
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "deploy.py"), "--models", f"base,again={work / 'base-checkpoint'}",
+           "--formats", "pytorch,gguf-q4_0", "--eval-tokens", "600", "--prompt-tokens", "16", "--new-tokens", "8",
+           "--repeats", "1", "--json", str(results), "--work", str(work), "--plot", str(tmp_path / "deploy.png")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = json.loads(results.read_text())
+    assert list(saved) == ["base/pytorch", "base/gguf-q4_0", "again/pytorch", "again/gguf-q4_0"]
+    fp32, q4 = saved["base/pytorch"], saved["base/gguf-q4_0"]
+    assert saved["again/pytorch"]["python_docs"] == fp32["python_docs"]  # the same weights, the same number
+    assert 0.1 < q4["bytes"] / fp32["bytes"] < 0.25 and 1.0 < q4["python_docs"] / fp32["python_docs"] < 1.5
+    assert len(q4["greedy_tokens"]) == 8 and (tmp_path / "deploy.png").read_bytes()[:4] == b"\x89PNG"
+    assert re.search(r"^\| base \| gguf-q4_0 \| \d+\.\d \| 0\.\d{3}x \|", done.stdout, re.M)
+    assert re.search(r"^target, again q4_0: size 0\.\d\dx <= 0\.25x: met; decode_speedup .*; "
+                     r"decode_vs_base_alike \d\.\d\dx >= 1\.25x: NOT met$", done.stdout, re.M)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # every row saved: nothing rerun
+    assert again.returncode == 0 and "===" not in again.stdout and json.loads(results.read_text()) == saved

@@ -19,9 +19,10 @@ from transformers import PreTrainedTokenizerFast
 import llmshrink.export.gguf as gguf_export
 from llmshrink.checkpoint import save_checkpoint
 from llmshrink.errors import LlmshrinkError
+from llmshrink.eval.latency import torch_greedy_speed
 from llmshrink.eval.perplexity import perplexity
 from llmshrink.export.gguf import export_gguf, text_probe
-from llmshrink.export.gguf_runtime import INSTALL, gguf_logits, gguf_perplexity
+from llmshrink.export.gguf_runtime import INSTALL, gguf_decode_speed, gguf_logits, gguf_perplexity
 from llmshrink.registry import get_pass
 
 QUIET = {"log": lambda _: None}
@@ -210,6 +211,14 @@ def test_perplexity_in_llama_cpp_equals_pytorch(exports):
                               f32_cache=True)
         assert got.tokens_scored == want.tokens_scored and got.ppl == pytest.approx(want.ppl, rel=1e-5)
         assert got.protocol == {**want.protocol, "runtime": "llama.cpp"}
+
+
+def test_decode_speed_in_llama_cpp_decodes_the_models_greedy_tokens(exports):
+    model, _, results = exports["llama-uniform"]
+    prompt = [5, 9, 33, 2, 100, 7]
+    got = gguf_decode_speed(results["f32"][0] / "model-f32.gguf", prompt, new_tokens=12, repeats=1)
+    assert got["tokens"] == torch_greedy_speed(model, prompt, new_tokens=12, repeats=1, warmup=0)["tokens"]
+    assert got["prompt_tokens"] == 6 and got["prefill_ms"] > 0 and got["decode_tokens_per_s"] > 0
 
 
 def test_k_quants_where_rows_are_multiples_of_256(llama_cpp, tmp_path, monkeypatch):

@@ -157,6 +157,7 @@ def test_decode_speed_reports_prefill_and_tokens_per_second(exports):
     speed = decode_speed(out, IDS[0].numpy(), new_tokens=8, repeats=1)
     assert speed["prompt_tokens"] == 12 and speed["new_tokens"] == 8
     assert speed["prefill_ms"] > 0 and speed["decode_tokens_per_s"] > 0
+    assert speed["tokens"] == greedy(OnnxModel(out), IDS[0].numpy(), 8)
 
 
 def test_an_existing_output_is_refused_and_left_alone(runtime, tmp_path):

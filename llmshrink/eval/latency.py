@@ -1,4 +1,5 @@
-"""Wall time: a timer, load time, and prefill / decode latency and tokens per second of generate."""
+"""Wall time: a timer, load time, and prefill / decode latency and tokens per second of generate; greedy_speed,
+the same protocol for any runtime with a KV cache (PyTorch, llama.cpp, onnxruntime)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -137,3 +138,51 @@ def measure_latency(
         "batch_size": batch_size,
         "repeats": repeats,
     }
+
+
+def greedy_speed(prefill: Callable[[list[int]], Any], step: Callable[[int], Any], prompt: list[int],
+                 new_tokens: int = 64, repeats: int = 3, warmup: int = 1) -> dict:
+    """Prefill ms and greedy decode tokens/s of any runtime with a KV cache, batch 1, one protocol for all of them
+    (PyTorch, llama.cpp, onnxruntime): `prefill(prompt)` starts a new sequence and returns the last position's
+    logits (1-D, anything with argmax), `step(token)` appends one token and returns its logits. Medians over
+    `repeats` timed runs after `warmup` untimed ones; the decode time covers `new_tokens` steps, argmax included.
+    "tokens": the greedy tokens (the last run's), to check that runtimes agree."""
+    if new_tokens < 1 or repeats < 1:
+        raise ValueError("new_tokens and repeats must be >= 1")
+    prefill_s: list[float] = []
+    decode_s: list[float] = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        logits = prefill(prompt)
+        middle = time.perf_counter()
+        tokens = []
+        for _ in range(new_tokens):
+            tokens.append(int(logits.argmax()))
+            logits = step(tokens[-1])
+        end = time.perf_counter()
+        if i >= warmup:
+            prefill_s.append(middle - start)
+            decode_s.append(end - middle)
+    decode = statistics.median(decode_s)
+    return {"prompt_tokens": len(prompt), "prefill_ms": statistics.median(prefill_s) * 1e3, "new_tokens": new_tokens,
+            "decode_tokens_per_s": new_tokens / decode, "repeats": repeats, "tokens": tokens}
+
+
+def torch_greedy_speed(model: nn.Module, prompt: list[int], new_tokens: int = 64, repeats: int = 3,
+                       warmup: int = 1) -> dict:
+    """greedy_speed of a transformers causal LM in PyTorch (its own KV cache, forward calls, no generate)."""
+    state: dict[str, Any] = {}
+
+    @torch.inference_mode()
+    def run(ids: list[int], past: Any) -> torch.Tensor:
+        out = model(input_ids=torch.tensor([ids]), past_key_values=past, use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1]
+
+    was_training = model.training
+    model.eval()
+    try:
+        return greedy_speed(lambda ids: run(ids, None), lambda token: run([token], state["past"]), prompt,
+                            new_tokens, repeats, warmup)
+    finally:
+        model.train(was_training)

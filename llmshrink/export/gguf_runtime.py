@@ -5,6 +5,7 @@
     gguf_logits(path, ids)              (sequences, tokens, vocab) logits computed by llama.cpp
     gguf_tokenize(path, text)           llama.cpp's token ids of a text (the file's own tokenizer)
     gguf_perplexity(path, ids, ...)     perplexity in llama.cpp, by llmshrink.eval.perplexity's window protocol
+    gguf_decode_speed(path, prompt)     prefill ms and greedy decode tokens/s in llama.cpp (f16 KV cache, as deployed)
     tensor_types(path)                  how many tensors of each type a GGUF holds
 
 llama.cpp's log is collected instead of printed (llama-cpp-python 0.3.36 prints llama.cpp's warnings even with
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from llmshrink.errors import LlmshrinkError
+from llmshrink.eval.latency import greedy_speed
 from llmshrink.eval.perplexity import PerplexityResult, runtime_perplexity
 from llmshrink.export.staging import INSTALL, THREADS
 
@@ -120,6 +122,27 @@ def gguf_perplexity(path: str | Path, token_ids: torch.Tensor, window: int, stri
     llm = open_gguf(path, n_ctx=window, f32_cache=f32_cache)
     try:
         return runtime_perplexity(lambda row: _run(llm, row), token_ids, window, stride, bos_token_id, "llama.cpp")
+    finally:
+        llm.close()
+
+
+def gguf_decode_speed(path: str | Path, prompt: list[int], new_tokens: int = 64, repeats: int = 3) -> dict:
+    """Prefill ms of `prompt` and greedy decode tokens/s (batch 1) in llama.cpp as a deployment runs it: llama.cpp's
+    f16 KV cache, only the last position's logits; by eval.latency.greedy_speed, the protocol of every runtime."""
+    llama_cpp = llama_cpp_module()
+    llm = open_gguf(path, n_ctx=len(prompt) + new_tokens, f32_cache=False, logits_all=False)
+    vocab = llm.n_vocab()
+
+    def run(ids: list[int]) -> np.ndarray:
+        llm.eval(ids)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+
+    def prefill(ids: list[int]) -> np.ndarray:
+        llm.reset()
+        return run(ids)
+
+    try:
+        return greedy_speed(prefill, lambda token: run([token]), list(prompt), new_tokens, repeats)
     finally:
         llm.close()
 

@@ -11,13 +11,13 @@ Without onnxruntime: one line naming what to install (require_runtime).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from llmshrink.errors import LlmshrinkError
+from llmshrink.eval.latency import greedy_speed
 from llmshrink.eval.perplexity import PerplexityResult, runtime_perplexity
 from llmshrink.export.staging import INSTALL, THREADS
 
@@ -107,17 +107,13 @@ def onnx_perplexity(model: OnnxModel | str | Path, token_ids: torch.Tensor | np.
 
 def decode_speed(model: OnnxModel | str | Path, prompt: list[int] | np.ndarray, new_tokens: int = 64,
                  repeats: int = 3) -> dict[str, float]:
-    """Prefill ms of `prompt` and greedy decode tokens/s with the KV cache (batch 1), the best of `repeats` runs."""
+    """Prefill ms of `prompt` and greedy decode tokens/s with the KV cache (batch 1), by eval.latency.greedy_speed."""
     model = model if isinstance(model, OnnxModel) else OnnxModel(model)
-    prompt = np.asarray(prompt, np.int64).reshape(1, -1)
-    prefill, decode = float("inf"), float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        logits, past = model(prompt)
-        middle = time.perf_counter()
-        for _ in range(new_tokens):
-            logits, past = model(np.array([[int(logits[0, -1].argmax())]]), past=past)
-        end = time.perf_counter()
-        prefill, decode = min(prefill, middle - start), min(decode, end - middle)
-    return {"prompt_tokens": int(prompt.shape[1]), "prefill_ms": prefill * 1e3, "new_tokens": new_tokens,
-            "decode_tokens_per_s": new_tokens / decode}
+    state: dict[str, list[np.ndarray]] = {}
+
+    def run(ids: list[int], past: list[np.ndarray] | None) -> np.ndarray:
+        logits, state["past"] = model(np.array([ids], np.int64), past=past)
+        return logits[0, -1]
+
+    return greedy_speed(lambda ids: run(ids, None), lambda token: run([token], state["past"]),
+                        np.asarray(prompt, np.int64).reshape(-1).tolist(), new_tokens, repeats)
