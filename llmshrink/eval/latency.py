@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from llmshrink.eval.model_inputs import pad_token_id
+from llmshrink.eval.model_inputs import cache_name, pad_token_id
 
 T = TypeVar("T")
 
@@ -172,11 +172,12 @@ def torch_greedy_speed(model: nn.Module, prompt: list[int], new_tokens: int = 64
                        warmup: int = 1) -> dict:
     """greedy_speed of a transformers causal LM in PyTorch (its own KV cache, forward calls, no generate)."""
     state: dict[str, Any] = {}
+    name = cache_name(model)
 
     @torch.inference_mode()
     def run(ids: list[int], past: Any) -> torch.Tensor:
-        out = model(input_ids=torch.tensor([ids]), past_key_values=past, use_cache=True)
-        state["past"] = out.past_key_values
+        out = model(input_ids=torch.tensor([ids]), use_cache=True, **{name: past})
+        state["past"] = out[name]
         return out.logits[0, -1]
 
     was_training = model.training

@@ -1,6 +1,9 @@
-"""Inputs for measuring a model: seeded random token ids on the model's device, and the id to pad with."""
+"""Inputs for measuring a model: seeded random token ids on the model's device, the id to pad with, and the name its
+forward gives the KV cache."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -38,3 +41,8 @@ def pad_token_id(model: nn.Module, tokenizer_or_vocab_size) -> int:
             if isinstance(value, int):
                 return value
     return 0
+
+
+def cache_name(model: nn.Module) -> str:
+    """The forward's name of the KV cache: `cache` from transformers 5.25 (`past_key_values` before, deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

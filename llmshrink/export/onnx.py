@@ -22,7 +22,6 @@ and reported (export.json), refused only past QUANT_LIMIT.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from transformers.pytorch_utils import Conv1D
 from llmshrink.checkpoint_load import load_checkpoint
 from llmshrink.encoders import is_encoder
 from llmshrink.errors import LlmshrinkError
+from llmshrink.eval.model_inputs import cache_name
 from llmshrink.export.hf_dense import (
     RTOL,
     checkpoint_tokenizer,
@@ -186,15 +186,10 @@ class _DecoderWithPast(nn.Module):
         cache = DynamicCache()
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        name = _cache_name(self.model)
+        name = cache_name(self.model)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{name: cache})
         return (out.logits, *[t for layer in out[name].layers for t in (layer.keys, layer.values)])
-
-
-def _cache_name(model: nn.Module) -> str:
-    """The forward's name of the KV cache: `cache` from transformers 5.25 (`past_key_values` before, deprecated)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -204,7 +199,7 @@ def _export_decoder(model: nn.Module, path: Path) -> None:
     batch, past_len, length = 2, 4, 3  # sample sizes other than 0 and 1, so that none is taken as fixed
     warm = torch.randint(0, int(model.config.vocab_size), (batch, past_len + length),
                          generator=torch.Generator().manual_seed(1))
-    cache = model(input_ids=warm[:, :past_len], use_cache=True)[_cache_name(model)]
+    cache = model(input_ids=warm[:, :past_len], use_cache=True)[cache_name(model)]
     past = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     mask = torch.ones(batch, past_len + length, dtype=torch.long)
     positions = torch.arange(past_len, past_len + length).expand(batch, -1)
