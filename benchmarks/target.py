@@ -205,9 +205,9 @@ def save_plot(results: dict, path: Path) -> None:
         points = sorted((r["params"] / base["params"], r["python_docs"]) for key, r in results.items()
                         if key.startswith("params:") and key.endswith(f"/{row}"))
         if points:
-            style = {"linewidth": 2.5, "color": "C3", "zorder": 3} if row == "planned" else {"linewidth": 1}
+            style = {"linewidth": 2.5, "color": "black", "zorder": 3} if row == "planned" else {"linewidth": 1}
             ax.plot(*zip(*points, strict=True), marker="o", label=row, **style)
-    ax.axhline(base["python_docs"], color="black", linestyle=":", label="base")
+    ax.axhline(base["python_docs"], color="grey", linestyle=":", label="base")
     ax.set_yscale("log")
     ax.set(xlabel="parameters (share of the base)", ylabel="perplexity on Python docs (out of domain)")
     ax.set_title("SmolLM2-135M: planned vs single-pass at equal params, recovered alike", fontsize=10)
