@@ -106,7 +106,7 @@ def onnx_perplexity(model: OnnxModel | str | Path, token_ids: torch.Tensor | np.
 
 
 def decode_speed(model: OnnxModel | str | Path, prompt: list[int] | np.ndarray, new_tokens: int = 64,
-                 repeats: int = 3) -> dict[str, float]:
+                 repeats: int = 3) -> dict:
     """Prefill ms of `prompt` and greedy decode tokens/s with the KV cache (batch 1), by eval.latency.greedy_speed."""
     model = model if isinstance(model, OnnxModel) else OnnxModel(model)
     state: dict[str, list[np.ndarray]] = {}
