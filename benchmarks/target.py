@@ -5,7 +5,9 @@ run by `llmshrink apply`'s engine and recovered alike (the shipped recipes' dist
 tokens on half Shakespeare, half teacher samples):
 
   planned       target: {params: B} with the default search (drop a block; prune_ffn keep 0.75/0.5/0.25;
-                prune_heads keep 0.67/0.34; bytes: int8-dynamic or bnb-nf4 per block), measured on 1024 tokens
+                prune_heads keep 0.67/0.34; bytes: int8-dynamic or bnb-nf4 per block), each decision scored
+                by its KL from the base on 1024 calibration tokens
+  planned_nll   the same, scored by the calibration text's NLL (the planner's score before KL)
   drop_layers   the fewest blocks (of least influence) whose removal meets B
   prune_ffn     activation importance, global scope, the neuron share that meets B
   low_rank      activation-aware SVD of every block layer at the ratio that meets B
@@ -41,7 +43,7 @@ from llmshrink.recipe import load_recipe
 
 MODEL = "builtin:smollm2-135m"
 BUDGETS = ("params:0.9", "params:0.8", "params:0.7", "bytes:0.3")
-ROWS = ("planned", "drop_layers", "prune_ffn", "low_rank", "kronecker", "kronecker_tq", "nf4")
+ROWS = ("planned", "planned_nll", "drop_layers", "prune_ffn", "low_rank", "kronecker", "kronecker_tq", "nf4")
 # SmolLM2-135M: 30 blocks of 576 wide, SwiGLU FFN of 1536, 9 query / 3 kv heads of 64.
 BLOCKS, HIDDEN, FFN = 30, 576, 1536
 MLP_PARAMS = 3 * HIDDEN * FFN
@@ -69,10 +71,10 @@ def compression(row: str, kind: str, value: float, search: dict) -> dict | list 
     row has no setting at this budget."""
     need = BASE_PARAMS - int(value * BASE_PARAMS)
     tokens = search["calibration_tokens"]
-    if row == "planned":
+    if row in ("planned", "planned_nll"):
         if kind == "bytes":
             search = {"quantize": ["int8-dynamic", "bnb-nf4"], **search}
-        return {"target": {kind: value}, "search": search}
+        return {"target": {kind: value}, "search": {"score": "nll" if row == "planned_nll" else "kl", **search}}
     if kind == "bytes":
         return [{"quantize": {"method": "bnb-nf4"}}] if row == "nf4" else None
     block = MLP_PARAMS + ATTENTION_PARAMS + 2 * HIDDEN

@@ -196,7 +196,8 @@ def format_plan(record: dict) -> str:
     lines = [f"{'block':>5} | {'decision':<34} | {kind + ' saved':>14} | loss increase", f"{'-' * 5}-+-{'-' * 34}-+-"
              f"{'-' * 14}-+--------------"]
     for row in record["decisions"]:
-        lines.append(f"{row['block']:>5} | {row['decision']:<34} | {row['saving']:>14,} | {row['loss_increase']:+.4f}")
+        block = "emb" if row["block"] < 0 else row["block"]
+        lines.append(f"{block:>5} | {row['decision']:<34} | {row['saving']:>14,} | {row['loss_increase']:+.4f}")
     target, predicted = record["target"], record["predicted"]
     lines.append(f"{kind}: {target['base']:,} -> {predicted[kind]:,} ({predicted[kind] / target['base']:.3f}x; budget "
                  f"{target['limit']:,}), solver {record['solver']}")

@@ -31,6 +31,7 @@ from llmshrink.hub import model_card
 from llmshrink.passes.base import Extra, LoadExtra
 from llmshrink.planning.planner import Planned, check_planned, planned_recipe
 from llmshrink.planning.planner import plan as plan_target
+from llmshrink.planning.spec import SCORE_NAMES
 from llmshrink.recipe import LoadedRecipe, Recipe
 from llmshrink.registry import PassSpec, get_pass, passes_run
 from llmshrink.specs import ModelSpec
@@ -212,7 +213,8 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log, samples_dir:
 
 def _check_plan(model, planned: Planned, ctx: Context, log) -> None:
     got = check_planned(model, planned, ctx)
-    log(f"  planned model: {got[planned.kind]:,} {planned.kind} as planned; calibration loss {got['loss']:.4f} "
+    log(f"  planned model: {got[planned.kind]:,} {planned.kind} as planned; calibration "
+        f"{SCORE_NAMES[planned.record['score']]} {got['loss']:.4f} "
         f"measured jointly ({planned.predicted_loss:.4f} estimated)")
 
 

@@ -275,3 +275,16 @@ def test_other_refusals_are_one_line():
     apply(model, QuantizeConfig(**INT8, targets="bert.pooler.dense"), quiet_ctx())
     with pytest.raises(LlmshrinkError, match=r"^quantize.method: fp16 after int8-dynamic is not supported"):
         apply(model, QuantizeConfig(method="fp16"), quiet_ctx())
+
+
+def test_a_tied_table_and_head_both_in_int8_are_untied_and_take_half_the_shared_tables_bytes():
+    """What the planner's embeddings decision does (quantize lm_head too, untie): the head is an Int8DynamicLinear,
+    which has no float weight; the evaluator's tie check reads it without failing."""
+    model = tiny_llama()
+    before = module_bytes(model.model.embed_tokens)  # the one table both used
+    apply(model, QuantizeConfig(**INT8, targets="lm_head", tied_embeddings="untie"), quiet_ctx())
+    assert isinstance(model.lm_head, Int8DynamicLinear) and isinstance(model.model.embed_tokens, Int8Embedding)
+    assert has_tied_embeddings(model) is False
+    after = module_bytes(model.model.embed_tokens) + module_bytes(model.lm_head)
+    assert after == 2 * (128 * 64 + 128 * 4)  # int8 rows and an fp32 scale per row, twice
+    assert after / before == pytest.approx(0.53, abs=0.01)

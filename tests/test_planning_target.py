@@ -11,7 +11,7 @@ What these tests show:
   bit; the manifest's plan says predicted == measured.
 - Unreachable budgets are refused in one line naming the smallest reachable size (as the search space reaches it).
 - The measurement cache: re-planning (any budget) measures nothing; an interrupted measurement resumes with
-  the rest only; a new setting or calibration size is measured anew.
+  the rest only; a new setting, calibration size or llmshrink source is measured anew.
 - Recipe validation of target:/search: in one exact line each.
 - candidates.emit_stages and block_choices on hand-made decisions.
 """
@@ -39,7 +39,7 @@ from llmshrink.eval.macs import macs_per_token
 from llmshrink.eval.size import count_bytes, count_params
 from llmshrink.planning import measure as measure_module
 from llmshrink.planning import planner
-from llmshrink.planning.candidates import Candidate, block_choices, emit_stages, make_candidates
+from llmshrink.planning.candidates import EMBEDDINGS, Candidate, block_choices, emit_stages, make_candidates
 from llmshrink.planning.measure import Measured, MeasurementCache
 from llmshrink.planning.spec import MACS_SEQ_LEN, SearchSpec, TargetSpec
 from llmshrink.registry import get_pass
@@ -179,11 +179,12 @@ def test_planned_size_is_exact_within_the_limit_and_tight(world, name, target, s
     need = base.size(kind) - limit
     tighter = combinations_between(candidates, measurements, base, kind, need, plan_saving)
     assert all(cost > plan_cost for cost in tighter.values()), (plan_cost, tighter)
-    # ... and the plan is within 1% of the limit wherever any combination is. Where none is, it is a matter of
-    # granularity: e.g. GPT-2 params 0.7 and MACs 0.75 land 1.1% and 1.5% under, the nearest sums of these
-    # 8 equal blocks' options; at params 0.3 the nearest combination (1.6% under) costs more than the plan.
+    # ... and the plan is within 1% of the limit wherever a combination that close costs no more than it. Where
+    # none is, it is a matter of granularity (GPT-2 params 0.7 and MACs 0.75 land 1.1% and 1.5% under, the
+    # nearest sums of these 8 equal blocks' options) or of cost: the plan saves more and loses less than every
+    # combination that close (Llama params 0.45: dropping whole blocks moves the KL less than pruning to 0.45).
     close = combinations_between(candidates, measurements, base, kind, need, need + int(0.01 * limit) + 1)
-    assert got[kind] >= 0.99 * limit or not close, (got[kind], limit, min(close))
+    assert got[kind] >= 0.99 * limit or all(cost > plan_cost for cost in close.values()), (got[kind], limit, close)
 
 
 # --- 2. additive by construction: the plan is the brute-force optimum -----------------------------------------------
@@ -225,7 +226,7 @@ def brute_force(candidates: list[Candidate], measured: dict[str, Measured], base
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_plan_is_the_brute_force_optimum_when_costs_add_up(monkeypatch, seed):
+def test_plan_is_the_brute_force_optimum_when_costs_add_up(monkeypatch, world, seed):
     rng = random.Random(seed)
     kind = KINDS[seed % 3]
     blocks = 3 if seed < 9 else 4
@@ -236,7 +237,7 @@ def test_plan_is_the_brute_force_optimum_when_costs_add_up(monkeypatch, seed):
     measured = constructed(candidates, base, rng, negative)
     seen = {}
 
-    def fake_measure_all(model, offered, ctx, tokens, cache, log=print):
+    def fake_measure_all(model, offered, ctx, ids, reference, cache, log=print):
         seen["keys"] = [c.key for c in offered]
         return base, {c.key: measured[c.key] for c in offered}
 
@@ -245,7 +246,7 @@ def test_plan_is_the_brute_force_optimum_when_costs_add_up(monkeypatch, seed):
                    for combo in block_choices([c for c in candidates if c.block == b])) for b in range(blocks))
     need = rng.randint(1, most)
     target = TargetSpec(**{kind: float(base.size(kind) - need)})  # absolute: the limit is exactly base - need
-    planned = planner.plan(tiny_llama(layers=blocks), target, search, Context(tokenizer=None), cache_dir=None,
+    planned = planner.plan(tiny_llama(layers=blocks), target, search, context(world), cache_dir=None,
                            log=lambda _: None)
     assert seen["keys"] == [c.key for c in candidates]
 
@@ -272,7 +273,7 @@ def tensors(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name, target, search", [
     ("llama", {"params": 0.6}, {**FULL, "low_rank": [0.5]}),
-    ("gpt2", {"bytes": 0.4}, BYTES),
+    ("gpt2", {"bytes": 0.2}, BYTES),
 ])
 def test_emitted_recipe_reproduces_the_planned_model_bit_for_bit(tmp_path, world, monkeypatch, name, target, search):
     # A cold cache: the first apply measures every decision before its stages (the engine reseeds after
@@ -358,7 +359,8 @@ def smallest_reachable(world, model, space: SearchSpec, kind: str) -> int:
     """The smallest size the search space reaches, from the cached measurements: each block's largest saving,
     except that at least one block must stay (drop_layers refuses to remove them all)."""
     cache_dir = world.cache / "plans"
-    cache = MeasurementCache(measure_module.cache_file(cache_dir, model, context(world), space.calibration_tokens))
+    cache = MeasurementCache(measure_module.cache_file(cache_dir, model, context(world), space.calibration_tokens,
+                                                         space.score))
     base = cache.get(measure_module.BASE_KEY)
     candidates = make_candidates(BLOCKS, space, kind)
 
@@ -369,7 +371,7 @@ def smallest_reachable(world, model, space: SearchSpec, kind: str) -> int:
 
     best = [most(block, drop=True) for block in range(BLOCKS)]
     kept = max(sum(best) - best[block] + most(block, drop=False) for block in range(BLOCKS))
-    return base.size(kind) - kept
+    return base.size(kind) - kept - most(EMBEDDINGS, drop=False)  # the embeddings' decision: a group of its own
 
 
 @pytest.mark.parametrize("target, search", [
@@ -386,7 +388,7 @@ def test_unreachable_budgets_name_the_smallest_size_the_search_space_reaches(wor
     assert "\n" not in message
     smallest = smallest_reachable(world, model, space, spec.kind)
     total = MeasurementCache(measure_module.cache_file(world.cache / "plans", model, context(world),
-                                                       space.calibration_tokens)).get(measure_module.BASE_KEY)
+                                                       space.calibration_tokens, space.score)).get(measure_module.BASE_KEY)
     total = total.size(spec.kind)
     assert message.startswith(f"target.{spec.kind}: {spec.value:g} ({spec.limit(total):,} {spec.kind})")
     assert message.endswith(f"the smallest it reaches is {smallest / total:.4f} of the base ({smallest:,} {spec.kind})")
@@ -436,7 +438,8 @@ def planned_with(world, cache_dir, target, search=CACHED, blocks=4):
     return planned, lines[0]
 
 
-def test_planning_again_measures_nothing_and_another_budget_reuses_the_cache(tmp_path, world, counted):
+def test_planning_again_measures_nothing_and_another_budget_reuses_the_cache(tmp_path, world, counted,
+                                                                              monkeypatch):
     first, line = planned_with(world, tmp_path, {"params": 0.8})
     assert counted.calls == 1 + 8 and line.endswith("0 measured before, 8 to measure")  # base + 4 blocks x 2
     assert len(list(tmp_path.iterdir())) == 1
@@ -461,6 +464,13 @@ def test_planning_again_measures_nothing_and_another_budget_reuses_the_cache(tmp
     assert counted.calls == 1 + 8 and line.endswith("0 measured before, 8 to measure")
     _, line = planned_with(world, tmp_path, {"params": 0.6}, blocks=3)
     assert len(list(tmp_path.iterdir())) == 3
+
+    # So is llmshrink's source changed in a development checkout: a changed pass is measured anew.
+    monkeypatch.setattr(measure_module, "source_digest", lambda: "another source")
+    counted.calls = 0
+    _, line = planned_with(world, tmp_path, {"params": 0.6})
+    assert counted.calls == 1 + 8 and line.endswith("0 measured before, 8 to measure")
+    assert len(list(tmp_path.iterdir())) == 4
 
 
 def test_an_interrupted_measurement_resumes_with_the_rest(tmp_path, world, counted):

@@ -93,7 +93,8 @@ def runtime_perplexity(logits_of: Callable[[list[int]], torch.Tensor], token_ids
     return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens_scored=count, protocol=protocol)
 
 
-def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def window_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The logits of one forward over `input_ids` (batch x length), without a KV cache."""
     # No KV cache: it would only cost memory, each window is one forward.
     config = getattr(model, "config", None)
     kwargs = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
@@ -118,7 +119,7 @@ def _batch_nll(
         labels.append(label)
     input_ids = torch.stack(rows).to(device)
     target = torch.stack(labels).to(device)[:, 1:]
-    logits = _logits(model, input_ids)[:, :-1].float()
+    logits = window_logits(model, input_ids)[:, :-1].float()
     nll = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )

@@ -64,7 +64,10 @@ def has_tied_embeddings(model: nn.Module) -> bool:
     emb, head = get_in(), get_out()
     if emb is None or head is None:
         return False
-    return _storage_key(emb.weight) == _storage_key(head.weight)
+    # The weight parameters themselves: a quantized layer has none (Int8DynamicLinear) or builds a float copy on
+    # each read (Int8Embedding's weight property), and shares nothing.
+    weights = emb._parameters.get("weight"), head._parameters.get("weight")
+    return None not in weights and _storage_key(weights[0]) == _storage_key(weights[1])
 
 
 def dir_size(path: str | os.PathLike, weights_only: bool = False) -> int:

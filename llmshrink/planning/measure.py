@@ -1,10 +1,15 @@
 """Measure each candidate decision alone: take it on a copy of the base, then its exact size and calibration loss.
 
 Size is counted on the model itself (unique parameters, the checkpoint's tensor bytes, MACs of one forward over
-MACS_SEQ_LEN tokens), so a plan's accounting is the model's, not an estimate. Loss is the mean next-token NLL
-(nats) over calibration windows spread evenly across the training text (a mix's corpus and its teacher samples
-alike). Measurements are cached in a JSON file per (base model, training text, calibration size, llmshrink
-version), saved after every decision: planning again for another budget measures nothing, and an interrupted
+MACS_SEQ_LEN tokens), so a plan's accounting is the model's, not an estimate. Loss, over calibration windows spread
+evenly across the training text (a mix's corpus and its teacher samples alike), is by the search's `score`:
+- kl (default): the mean KL(base || model) per token, nats: how far the decision moves the model from the base
+  on every next token, whatever the text. It is what recovery distils back toward, and it does not reward
+  keeping what only the calibration text needs (NLL does: in benchmarks/target.py its plans were 4-6% worse
+  out of domain than dropping blocks at 0.8x / 0.9x params, the KL plans 1-2% better).
+- nll: the mean next-token NLL (nats) of the calibration text itself.
+Measurements are cached in a JSON file per (base model, training text, calibration size, score, llmshrink
+version and source code), saved after every decision: planning again for another budget measures nothing, and an interrupted
 measurement resumes.
 """
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -25,7 +31,7 @@ from tqdm.auto import tqdm
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.macs import macs_per_token
-from llmshrink.eval.perplexity import max_positions, perplexity
+from llmshrink.eval.perplexity import max_positions, perplexity, window_logits
 from llmshrink.eval.size import count_bytes, count_params
 from llmshrink.fileio import atomic_write_text
 from llmshrink.planning.candidates import Candidate
@@ -62,8 +68,46 @@ def calibration_ids(ctx: Context, tokens: int, window: int) -> torch.Tensor:
     return torch.cat([ids[s:s + window] for s in starts])
 
 
-def measure(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device) -> Measured:
-    loss = perplexity(model, ids, window, window, device=device, progress=False).nll
+def _window_log_probs(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device):
+    """Log-probabilities over the vocabulary at every position, window by window (float32, on the CPU)."""
+    with torch.no_grad():
+        for start in range(0, ids.numel(), window):
+            logits = window_logits(model, ids[start:start + window][None].to(device))[0]
+            yield torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def reference_log_probs(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device) -> torch.Tensor:
+    """The base's log-probabilities on the calibration tokens (tokens x vocab): what KL scores compare against."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat(list(_window_log_probs(model, ids, window, device)))
+    finally:
+        model.train(was_training)
+
+
+def mean_kl(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device, reference: torch.Tensor) -> float:
+    """Mean over tokens of KL(reference || model), nats."""
+    was_training = model.training
+    model.eval()
+    total, start = 0.0, 0
+    try:
+        for log_q in _window_log_probs(model, ids, window, device):
+            log_p = reference[start:start + log_q.shape[0]]
+            total += float((log_p.exp() * (log_p - log_q)).sum())
+            start += log_q.shape[0]
+    finally:
+        model.train(was_training)
+    return total / start
+
+
+def measure(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device,
+            reference: torch.Tensor | None = None) -> Measured:
+    """`model`'s exact size and its loss: KL from `reference` (the base's log-probabilities) or, without one, NLL."""
+    if reference is not None:
+        loss = mean_kl(model, ids, window, device, reference)
+    else:
+        loss = perplexity(model, ids, window, window, device=device, progress=False).nll
     macs = macs_per_token(model, seq_len=MACS_SEQ_LEN)["total"] * MACS_SEQ_LEN
     return Measured(loss=loss, params=count_params(model), bytes=count_bytes(model), macs=round(macs))
 
@@ -100,9 +144,10 @@ class MeasurementCache:
             atomic_write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
 
 
-def cache_file(root: Path, model: nn.Module, ctx: Context, tokens: int) -> Path:
+def cache_file(root: Path, model: nn.Module, ctx: Context, tokens: int, score: str) -> Path:
     """The cache of one base model (its config and weights' digest), calibration text (the tokens measured on and those the
-    passes calibrate on) and llmshrink version."""
+    passes calibrate on), score and llmshrink's version and source code (a pass changed in a development
+    checkout must not be planned with the old pass's measurements)."""
     digest = hashlib.blake2b(digest_size=16)
     config = getattr(model, "config", None)
     digest.update(config.to_json_string().encode() if hasattr(config, "to_json_string") else b"")
@@ -112,22 +157,33 @@ def cache_file(root: Path, model: nn.Module, ctx: Context, tokens: int) -> Path:
     window = calibration_window(model)
     for ids in (calibration_ids(ctx, tokens, window), ctx.train_token_ids()[:tokens]):
         digest.update(ids.numpy().tobytes())
-    digest.update(f"{tokens} {__version__}".encode())
+    digest.update(f"{tokens} {score} {__version__} {source_digest()}".encode())
     return root / f"{digest.hexdigest()}.json"
+
+
+@functools.cache
+def source_digest() -> str:
+    """A digest of llmshrink's own Python sources (what takes and measures the decisions)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 BASE_KEY = "base"
 
 
-def measure_all(model: nn.Module, candidates: list[Candidate], ctx: Context, tokens: int,
-                cache: MeasurementCache, log: Callable[[str], None] = print) -> tuple[Measured, dict[str, Measured]]:
-    """The base's measurement and each candidate's, from the cache where it has them."""
+def measure_all(model: nn.Module, candidates: list[Candidate], ctx: Context, ids: torch.Tensor,
+                reference: torch.Tensor | None, cache: MeasurementCache,
+                log: Callable[[str], None] = print) -> tuple[Measured, dict[str, Measured]]:
+    """The base's measurement and each candidate's on calibration tokens `ids` (KL from `reference` where given),
+    from the cache where it has them."""
     window = calibration_window(model)
-    ids = calibration_ids(ctx, tokens, window)
     torch.manual_seed(ctx.seed)
     base = cache.get(BASE_KEY)
     if base is None:
-        base = measure(model, ids, window, ctx.device)
+        base = measure(model, ids, window, ctx.device, reference)
         cache.put(BASE_KEY, base)
     todo = [c for c in candidates if cache.get(c.key) is None]
     log(f"  {len(candidates)} decisions on {ids.numel()} calibration tokens: {len(candidates) - len(todo)} "
@@ -135,6 +191,6 @@ def measure_all(model: nn.Module, candidates: list[Candidate], ctx: Context, tok
         f"{len(todo)} to measure")
     for candidate in tqdm(todo, desc="measuring decisions", unit="decision", disable=not todo):
         changed = take(model, candidate, ctx)
-        cache.put(candidate.key, measure(changed, ids, window, ctx.device))
+        cache.put(candidate.key, measure(changed, ids, window, ctx.device, reference))
         del changed
     return base, {c.key: cache.get(c.key) for c in candidates}

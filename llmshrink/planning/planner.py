@@ -10,7 +10,7 @@ and write it as ordinary stages.
    work fits (equal-sized blocks reach few distinct sums), else the LP greedy with repair.
 4. Emit: the chosen decisions as stages (candidates.emit_stages), run by the engine before the recipe's own
    stages; after them, check_planned measures the model: its size must equal the plan's accounting exactly, and
-   its calibration loss, measured jointly, is recorded beside the estimate.
+   its calibration loss (KL from the base by default), measured jointly, is recorded beside the estimate.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -28,7 +29,7 @@ from llmshrink.blocks import find_blocks
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.macs import macs_per_token
-from llmshrink.planning.candidates import Candidate, block_choices, emit_stages, make_candidates
+from llmshrink.planning.candidates import EMBEDDINGS, Candidate, block_choices, emit_stages, make_candidates
 from llmshrink.planning.measure import (
     Measured,
     MeasurementCache,
@@ -37,9 +38,10 @@ from llmshrink.planning.measure import (
     calibration_window,
     measure,
     measure_all,
+    reference_log_probs,
 )
 from llmshrink.planning.solver import Option, Plan, solve
-from llmshrink.planning.spec import MACS_SEQ_LEN, SearchSpec, TargetSpec
+from llmshrink.planning.spec import MACS_SEQ_LEN, SCORE_NAMES, SearchSpec, TargetSpec
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Planned:
     predicted: dict[str, int]  # the planned model's params, bytes and macs by the plan's accounting
     predicted_loss: float  # base loss + the chosen options' costs
     record: dict[str, Any] = field(default_factory=dict)  # what plan.json / the manifest keep
+    calibration: torch.Tensor | None = field(default=None, repr=False)  # the token ids measured on
+    reference: torch.Tensor | None = field(default=None, repr=False)  # the base's log-probabilities there (kl)
 
 
 def plan(model: nn.Module, target: TargetSpec, search: SearchSpec | None, ctx: Context, *,
@@ -60,8 +64,11 @@ def plan(model: nn.Module, target: TargetSpec, search: SearchSpec | None, ctx: C
     _, _, blocks = find_blocks(model, "target")
     candidates = make_candidates(len(blocks), search, kind)
     tokens = search.calibration_tokens
-    cache = MeasurementCache(cache_file(cache_dir, model, ctx, tokens) if cache_dir is not None else None)
-    base, measured = measure_all(model, candidates, ctx, tokens, cache, log)
+    window = calibration_window(model)
+    ids = calibration_ids(ctx, tokens, window)
+    reference = reference_log_probs(model, ids, window, ctx.device) if search.score == "kl" else None
+    cache = MeasurementCache(cache_file(cache_dir, model, ctx, tokens, search.score) if cache_dir is not None else None)
+    base, measured = measure_all(model, candidates, ctx, ids, reference, cache, log)
     if not math.isfinite(base.loss):
         raise LlmshrinkError(f"target: the base model's calibration loss is {base.loss}; it cannot be planned for")
     if kind == "macs" and not macs_per_token(model, seq_len=MACS_SEQ_LEN)["complete"]:
@@ -80,10 +87,11 @@ def plan(model: nn.Module, target: TargetSpec, search: SearchSpec | None, ctx: C
     stages = emit_stages(chosen)
     predicted = {k: base.size(k) - sum(base.size(k) - measured[c.key].size(k) for c in chosen)
                  for k in ("params", "bytes", "macs")}
-    planned = Planned(stages, kind, base, predicted, base.loss + solution.cost)
+    planned = Planned(stages, kind, base, predicted, base.loss + solution.cost, calibration=ids, reference=reference)
     planned.record = {
         "target": {kind: target.value, "limit": limit, "base": base.size(kind)},
         "solver": solution.method,
+        "score": search.score,
         "calibration_tokens": tokens,
         "base": {"loss": base.loss, "params": base.params, "bytes": base.bytes, "macs": base.macs},
         "predicted": {**predicted, "loss": planned.predicted_loss},
@@ -96,7 +104,7 @@ def plan(model: nn.Module, target: TargetSpec, search: SearchSpec | None, ctx: C
     }
     log(f"  plan ({solution.method}): {len(chosen)} decisions in {len(stages)} stages; {kind} {base.size(kind):,} -> "
         f"{predicted[kind]:,} ({predicted[kind] / base.size(kind):.3f}x, budget {limit:,}); estimated calibration "
-        f"loss {base.loss:.4f} -> {planned.predicted_loss:.4f}")
+        f"{SCORE_NAMES[search.score]} {base.loss:.4f} -> {planned.predicted_loss:.4f}")
     return planned
 
 
@@ -150,7 +158,8 @@ def _options(candidates: list[Candidate], measured: dict[str, Measured], base: M
             if saving <= 0 or not all(math.isfinite(x) for x in increases):
                 continue  # saves nothing, or broke the model (a NaN loss must not count as free)
             cost = sum(max(0.0, x) for x in increases)
-            option = Option(f"block {block:03d}", " + ".join(c.label for c in combo), saving, cost)
+            group = "embeddings" if block == EMBEDDINGS else f"block {block:03d}"
+            option = Option(group, " + ".join(c.label for c in combo), saving, cost)
             if saving not in best or (cost, option.name) < (best[saving][0].cost, best[saving][0].name):
                 best[saving] = (option, combo)
         found.update(dict(best.values()))
@@ -160,8 +169,7 @@ def _options(candidates: list[Candidate], measured: dict[str, Measured], base: M
 def check_planned(model: nn.Module, planned: Planned, ctx: Context) -> dict[str, Any]:
     """After the planned stages: the model's exact size must be the plan's; its loss, measured jointly, is
     recorded beside the estimate (the sum of the decisions' losses taken alone)."""
-    window = calibration_window(model)
-    got = measure(model, calibration_ids(ctx, planned.record["calibration_tokens"], window), window, ctx.device)
+    got = measure(model, planned.calibration, calibration_window(model), ctx.device, planned.reference)
     sizes = {k: got.size(k) for k in ("params", "bytes", "macs")}
     if sizes[planned.kind] != planned.predicted[planned.kind]:
         raise LlmshrinkError(f"target.{planned.kind}: the planned stages left {sizes[planned.kind]:,} {planned.kind}, "

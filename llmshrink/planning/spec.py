@@ -7,11 +7,13 @@
       prune_heads: [0.67, 0.34]        # head shares a block may keep (rounded down to whole kv groups)
       low_rank: [0.5, 0.25]            # factorised / dense params of a block's MLP or attention layers
       quantize: [int8-dynamic, bnb-nf4]  # formats of a whole block (bytes targets only)
+      embeddings: true                 # the embedding table (and lm_head) may be stored in int8 (bytes targets)
+      score: kl                        # a decision's cost: KL from the base (kl) or the text's NLL (nll)
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -26,6 +28,7 @@ NOT_BUILT_KINDS = {"decode_speedup": "plan for macs (per token) instead"}
 QUANTIZE_FORMATS = ("int8-dynamic", "bnb-nf4", "bnb-fp4", "bnb-int8")
 BNB_FORMATS = ("bnb-nf4", "bnb-fp4", "bnb-int8")
 MACS_SEQ_LEN = 128
+SCORE_NAMES = {"kl": "KL from the base", "nll": "NLL"}  # what a decision's measured loss is, by search.score
 
 Shares = Annotated[tuple[float, ...], AsTuple]
 Formats = Annotated[tuple[str, ...], AsTuple]
@@ -78,6 +81,10 @@ class SearchSpec(Spec):
                              "(activation-aware SVD)")
     quantize: Formats = Field(("int8-dynamic", "bnb-nf4"), description="formats a whole block may be stored in "
                               "(bytes targets; at most one bitsandbytes format)")
+    embeddings: bool = Field(True, description="bytes targets: the embedding tables and the lm_head may be stored in "
+                             "int8 (one decision; a tied lm_head gets its own int8 copy)")
+    score: Literal["kl", "nll"] = Field("kl", description="a decision's measured cost: the mean KL(base || model) "
+                                        "per token, or the mean NLL of the calibration text")
     calibration_tokens: int = Field(2048, ge=64, description="tokens of data: each decision is measured on (spread "
                                     "over the whole training text) and its pass calibrates on")
 
@@ -109,8 +116,9 @@ def check_planning(target: TargetSpec | None, search: SearchSpec | None, causal_
     if not causal_lm:
         return "target", "plans by calibration perplexity: causal LMs only (model.task causal_lm)"
     search = search or SearchSpec()
-    if target.kind != "bytes" and search.quantize and "quantize" in search.model_fields_set:
-        return "search.quantize", f"formats change bytes, not {target.kind}; remove it (or plan for bytes)"
+    for name in ("quantize", "embeddings"):
+        if target.kind != "bytes" and getattr(search, name) and name in search.model_fields_set:
+            return f"search.{name}", f"formats change bytes, not {target.kind}; remove it (or plan for bytes)"
     offered = [name for name in ("prune_ffn", "prune_heads", "low_rank") if getattr(search, name)]
     if not (search.drop_layers or offered or (target.kind == "bytes" and search.quantize)):
         return "search", "offers no decision; allow drop_layers or give shares to prune_ffn, prune_heads or low_rank"
