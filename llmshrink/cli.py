@@ -191,9 +191,10 @@ def _plan(args) -> int:
 
 
 def format_plan(record: dict) -> str:
-    """The plan's decisions as a table: block, decision, saving, calibration loss increase (taken alone)."""
+    """The plan's decisions as a table: block, decision, saving, calibration KL / NLL increase (taken alone)."""
     kind = next(iter(record["target"]))
-    lines = [f"{'block':>5} | {'decision':<34} | {kind + ' saved':>14} | loss increase", f"{'-' * 5}-+-{'-' * 34}-+-"
+    score = record["score"].upper()  # the measured loss: KL from the base or the text's NLL
+    lines = [f"{'block':>5} | {'decision':<34} | {kind + ' saved':>14} | {score} increase", f"{'-' * 5}-+-{'-' * 34}-+-"
              f"{'-' * 14}-+--------------"]
     for row in record["decisions"]:
         block = "emb" if row["block"] < 0 else row["block"]

@@ -79,7 +79,7 @@ def test_plan_prints_the_decision_table_and_a_recipe_that_validates(tmp_path, wo
     path = write_recipe(tmp_path / "r.yaml", world, {"params": 0.7}, tmp_path / "out")
     assert main(["plan", str(path)]) == 0
     stdout = capsys.readouterr().out
-    assert re.search(r"^block \| decision +\| +params saved \| loss increase$", stdout, re.M)
+    assert re.search(r"^block \| decision +\| +params saved \| KL increase$", stdout, re.M)
     rows, (base, planned, budget), text = printed_plan(stdout)
     assert budget == int(0.7 * base) and planned <= budget
     assert rows and sum(saving for _, _, saving in rows) == base - planned
