@@ -9,8 +9,8 @@ evenly across the training text (a mix's corpus and its teacher samples alike), 
   out of domain than dropping blocks at 0.8x / 0.9x params, the KL plans 1-2% better).
 - nll: the mean next-token NLL (nats) of the calibration text itself.
 Measurements are cached in a JSON file per (base model, training text, calibration size, score, llmshrink
-version and source code), saved after every decision: planning again for another budget measures nothing, and an interrupted
-measurement resumes.
+version and source code), saved after every decision: planning again for another budget measures nothing, and
+an interrupted measurement resumes.
 """
 
 from __future__ import annotations

@@ -120,6 +120,6 @@ def check_planning(target: TargetSpec | None, search: SearchSpec | None, causal_
         if target.kind != "bytes" and getattr(search, name) and name in search.model_fields_set:
             return f"search.{name}", f"formats change bytes, not {target.kind}; remove it (or plan for bytes)"
     offered = [name for name in ("prune_ffn", "prune_heads", "low_rank") if getattr(search, name)]
-    if not (search.drop_layers or offered or (target.kind == "bytes" and search.quantize)):
+    if not (search.drop_layers or offered or (target.kind == "bytes" and (search.quantize or search.embeddings))):
         return "search", "offers no decision; allow drop_layers or give shares to prune_ffn, prune_heads or low_rank"
     return None
