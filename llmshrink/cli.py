@@ -192,15 +192,15 @@ def _plan(args) -> int:
 
 def format_plan(record: dict) -> str:
     """The plan's decisions as a table: block, decision, saving, calibration KL / NLL increase (taken alone)."""
-    kind = next(iter(record["target"]))
+    unit = record["target"]["unit"]
     score = record["score"].upper()  # the measured loss: KL from the base or the text's NLL
-    lines = [f"{'block':>5} | {'decision':<34} | {kind + ' saved':>14} | {score} increase", f"{'-' * 5}-+-{'-' * 34}-+-"
+    lines = [f"{'block':>5} | {'decision':<34} | {unit + ' saved':>14} | {score} increase", f"{'-' * 5}-+-{'-' * 34}-+-"
              f"{'-' * 14}-+--------------"]
     for row in record["decisions"]:
         block = "emb" if row["block"] < 0 else row["block"]
         lines.append(f"{block:>5} | {row['decision']:<34} | {row['saving']:>14,} | {row['loss_increase']:+.4f}")
     target, predicted = record["target"], record["predicted"]
-    lines.append(f"{kind}: {target['base']:,} -> {predicted[kind]:,} ({predicted[kind] / target['base']:.3f}x; budget "
+    lines.append(f"{unit}: {target['base']:,} -> {predicted[unit]:,} ({predicted[unit] / target['base']:.3f}x; budget "
                  f"{target['limit']:,}), solver {record['solver']}")
     return "\n".join(lines)
 

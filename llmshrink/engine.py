@@ -214,7 +214,7 @@ def _run(loaded: LoadedRecipe, out_dir: Path, work_root: Path, log, samples_dir:
 def _check_plan(model, planned: Planned, ctx: Context, log) -> None:
     got = check_planned(model, planned, ctx)
     planned.reference = planned.calibration = None  # the base's log-probabilities: 0.2-0.4 GB, not needed again
-    log(f"  planned model: {got[planned.kind]:,} {planned.kind} as planned; calibration "
+    log(f"  planned model: {got[planned.unit]:,} {planned.unit} as planned; calibration "
         f"{SCORE_NAMES[planned.record['score']]} {got['loss']:.4f} "
         f"measured jointly ({planned.predicted_loss:.4f} estimated)")
 

@@ -35,7 +35,8 @@ from safetensors.torch import load_file
 from llmshrink.cli import main
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.macs import macs_per_token
+from llmshrink.eval.macs import macs_per_decode_token, macs_per_token
+from llmshrink.eval.perplexity import max_positions
 from llmshrink.eval.size import count_bytes, count_params
 from llmshrink.planning import measure as measure_module
 from llmshrink.planning import planner
@@ -79,9 +80,10 @@ def context(world) -> Context:
 
 
 def sizes(model) -> dict[str, int]:
-    """The three budget kinds counted on the model itself, independently of the planner."""
+    """What the budget kinds count, counted on the model itself, independently of the planner."""
     macs = macs_per_token(model, seq_len=MACS_SEQ_LEN)["total"] * MACS_SEQ_LEN
-    return {"params": count_params(model), "bytes": count_bytes(model), "macs": round(macs)}
+    decode = macs_per_decode_token(model, context=min(MACS_SEQ_LEN, max_positions(model) - 1))["total"]
+    return {"params": count_params(model), "bytes": count_bytes(model), "macs": round(macs), "decode_macs": round(decode)}
 
 
 def run_stages(model, stages: list[dict], ctx: Context) -> None:
@@ -145,6 +147,8 @@ SIZE_CASES = [
     ("llama", {"params": 250_000}, FULL),  # absolute counts (> 1)
     ("gpt2", {"bytes": 1_000_000}, BYTES),
     ("llama", {"macs": 40_000_000}, FULL),
+    ("llama", {"decode_speedup": 1.3}, FULL),
+    ("gpt2", {"decode_speedup": 2.0}, FULL),
 ]
 
 
@@ -153,14 +157,17 @@ def test_planned_size_is_exact_within_the_limit_and_tight(world, name, target, s
     model = BUILDERS[name](layers=BLOCKS)
     ctx = context(world)
     spec, space = TargetSpec(**target), SearchSpec(**search)
-    kind = spec.kind
+    kind, unit = spec.kind, spec.unit
     before = copy.deepcopy(model.state_dict())
     planned = planner.plan(model, spec, space, ctx, cache_dir=world.cache / "plans", log=lambda _: None)
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # base untouched
 
     base = planned.base
     limit = planned.record["target"]["limit"]
-    assert limit == (int(spec.value * base.size(kind)) if spec.value <= 1 else int(spec.value))
+    if kind == "decode_speedup":
+        assert limit == int(base.size(unit) / spec.value)
+    else:
+        assert limit == (int(spec.value * base.size(unit)) if spec.value <= 1 else int(spec.value))
     assert planned.stages and planned.record["solver"] == "dp"
 
     # The accounting is the model's: every kind, counted after the planned stages, is the plan's prediction.
@@ -168,23 +175,23 @@ def test_planned_size_is_exact_within_the_limit_and_tight(world, name, target, s
     got = sizes(model)
     assert got == planned.predicted
     assert planner.check_planned(model, planned, ctx) == {**got, "loss": planned.record["measured"]["loss"]}
-    assert got[kind] <= limit
+    assert got[unit] <= limit
 
     # Tight: no combination of the search space lies between the plan and the limit at no more cost ...
     candidates = make_candidates(BLOCKS, space, kind)
     measurements = planned.record["measurements"]
     plan_cost = sum(cost_of(measurements[json.dumps(d["stage"], sort_keys=True)]["loss"], base.loss)
                     for d in planned.record["decisions"])
-    plan_saving = base.size(kind) - got[kind]
-    need = base.size(kind) - limit
-    tighter = combinations_between(candidates, measurements, base, kind, need, plan_saving)
+    plan_saving = base.size(unit) - got[unit]
+    need = base.size(unit) - limit
+    tighter = combinations_between(candidates, measurements, base, unit, need, plan_saving)
     assert all(cost > plan_cost for cost in tighter.values()), (plan_cost, tighter)
     # ... and the plan is within 1% of the limit wherever a combination that close costs no more than it. Where
     # none is, it is a matter of granularity (GPT-2 params 0.7 and MACs 0.75 land 1.1% and 1.5% under, the
     # nearest sums of these 8 equal blocks' options) or of cost: the plan saves more and loses less than every
     # combination that close (Llama params 0.45: dropping whole blocks moves the KL less than pruning to 0.45).
-    close = combinations_between(candidates, measurements, base, kind, need, need + int(0.01 * limit) + 1)
-    assert got[kind] >= 0.99 * limit or all(cost > plan_cost for cost in close.values()), (got[kind], limit, close)
+    close = combinations_between(candidates, measurements, base, unit, need, need + int(0.01 * limit) + 1)
+    assert got[unit] >= 0.99 * limit or all(cost > plan_cost for cost in close.values()), (got[unit], limit, close)
 
 
 # --- 2. additive by construction: the plan is the brute-force optimum -----------------------------------------------
@@ -200,7 +207,8 @@ def constructed(candidates: list[Candidate], base: Measured, rng: random.Random,
     for candidate in candidates:
         low = -0.5 if negative else 0.001
         found[candidate.key] = Measured(loss=base.loss + rng.uniform(low, 1.0), params=base.params - rng.randint(1, 900),
-                                        bytes=base.bytes - rng.randint(1, 3000), macs=base.macs - rng.randint(1, 90_000))
+                                        bytes=base.bytes - rng.randint(1, 3000), macs=base.macs - rng.randint(1, 90_000),
+                                        decode_macs=base.decode_macs - rng.randint(1, 900))
     return found
 
 
@@ -233,7 +241,7 @@ def test_plan_is_the_brute_force_optimum_when_costs_add_up(monkeypatch, world, s
     negative = seed % 2 == 1
     search = SearchSpec(**BRUTE_SEARCH, **({"quantize": ["int8-dynamic"]} if kind == "bytes" else {}))
     candidates = make_candidates(blocks, search, kind)
-    base = Measured(loss=3.0, params=10_000, bytes=40_000, macs=1_000_000)
+    base = Measured(loss=3.0, params=10_000, bytes=40_000, macs=1_000_000, decode_macs=9_000)
     measured = constructed(candidates, base, rng, negative)
     seen = {}
 
@@ -378,6 +386,7 @@ def smallest_reachable(world, model, space: SearchSpec, kind: str) -> int:
     ({"params": 0.01}, {**FULL, "drop_layers": False}),
     ({"bytes": 1000}, BYTES),
     ({"macs": 0.01}, FULL),
+    ({"decode_speedup": 100.0}, FULL),
 ])
 def test_unreachable_budgets_name_the_smallest_size_the_search_space_reaches(world, target, search):
     spec, space = TargetSpec(**target), SearchSpec(**search)
@@ -386,12 +395,15 @@ def test_unreachable_budgets_name_the_smallest_size_the_search_space_reaches(wor
         planner.plan(model, spec, space, context(world), cache_dir=world.cache / "plans", log=lambda _: None)
     message = str(info.value)
     assert "\n" not in message
-    smallest = smallest_reachable(world, model, space, spec.kind)
+    unit = spec.unit
+    smallest = smallest_reachable(world, model, space, unit)
     total = MeasurementCache(measure_module.cache_file(world.cache / "plans", model, context(world),
                                                        space.calibration_tokens, space.score)).get(measure_module.BASE_KEY)
-    total = total.size(spec.kind)
-    assert message.startswith(f"target.{spec.kind}: {spec.value:g} ({spec.limit(total):,} {spec.kind})")
-    assert message.endswith(f"the smallest it reaches is {smallest / total:.4f} of the base ({smallest:,} {spec.kind})")
+    total = total.size(unit)
+    assert message.startswith(f"target.{spec.kind}: {spec.value:g} ({spec.limit(total):,} {unit})")
+    reached = (f"the fastest it reaches is {total / smallest:.4f}x" if spec.kind == "decode_speedup" else
+               f"the smallest it reaches is {smallest / total:.4f} of the base")
+    assert message.endswith(f"{reached} ({smallest:,} {unit})")
 
 
 def test_the_plan_never_removes_every_block(world):
@@ -492,11 +504,13 @@ def test_an_interrupted_measurement_resumes_with_the_rest(tmp_path, world, count
 
 @pytest.mark.parametrize("section, message", [
     ("target: {params: 0.7, bytes: 0.5}",
-     "target: give exactly one of params, bytes, macs (found params and bytes), got {'params': 0.7, 'bytes': 0.5}"),
-    ("target: {}", "target: give exactly one of params, bytes, macs (found none), got {}"),
-    ("target: {decode_speedup: 1.5}",
-     "target: decode_speedup is not built yet in this version; plan for macs (per token) instead, got "
-     "{'decode_speedup': 1.5}"),
+     "target: give exactly one of params, bytes, macs, decode_speedup (found params and bytes), got "
+     "{'params': 0.7, 'bytes': 0.5}"),
+    ("target: {}", "target: give exactly one of params, bytes, macs, decode_speedup (found none), got {}"),
+    ("target: {decode_speedup: 0.8}", "target.decode_speedup: input should be greater than or equal to 1, got 0.8"),
+    ("target: {params: 0.7, decode_speedup: 1.5}",
+     "target: give exactly one of params, bytes, macs, decode_speedup (found params and decode_speedup), got "
+     "{'params': 0.7, 'decode_speedup': 1.5}"),
     ("target: {params: 0}", "target.params: input should be greater than 0, got 0"),
     ("search: {drop_layers: true}", "search: only with a target: section (the budget the search plans for)"),
     ("target: {params: 0.7}\nsearch: {quantize: [int8-dynamic]}",

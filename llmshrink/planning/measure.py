@@ -1,7 +1,7 @@
 """Measure each candidate decision alone: take it on a copy of the base, then its exact size and calibration loss.
 
 Size is counted on the model itself (unique parameters, the checkpoint's tensor bytes, MACs of one forward over
-MACS_SEQ_LEN tokens), so a plan's accounting is the model's, not an estimate. Loss, over calibration windows spread
+MACS_SEQ_LEN tokens and of one decode step after them), so a plan's accounting is the model's, not an estimate. Loss, over calibration windows spread
 evenly across the training text (a mix's corpus and its teacher samples alike), is by the search's `score`:
 - kl (default): the mean KL(base || model) per token, nats: how far the decision moves the model from the base
   on every next token, whatever the text. It is what recovery distils back toward, and it does not reward
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from llmshrink.context import Context
 from llmshrink.errors import LlmshrinkError
-from llmshrink.eval.macs import macs_per_token
+from llmshrink.eval.macs import macs_per_decode_token, macs_per_token
 from llmshrink.eval.perplexity import max_positions, perplexity, window_logits
 from llmshrink.eval.size import count_bytes, count_params
 from llmshrink.fileio import atomic_write_text
@@ -48,6 +48,7 @@ class Measured:
     params: int
     bytes: int
     macs: int  # of one forward over MACS_SEQ_LEN tokens
+    decode_macs: int  # of one decode step: a token after decode_context() cached ones
 
     def size(self, kind: str) -> int:
         return getattr(self, kind)
@@ -56,6 +57,11 @@ class Measured:
 def calibration_window(model: nn.Module) -> int:
     """WINDOW, or the model's positions where it has fewer."""
     return min(WINDOW, max_positions(model) or WINDOW)
+
+
+def decode_context(model: nn.Module) -> int:
+    """The cached tokens a counted decode step follows: MACS_SEQ_LEN, or fewer where the model's positions end."""
+    return min(MACS_SEQ_LEN, (max_positions(model) or MACS_SEQ_LEN + 1) - 1)
 
 
 def calibration_ids(ctx: Context, tokens: int, window: int) -> torch.Tensor:
@@ -109,7 +115,9 @@ def measure(model: nn.Module, ids: torch.Tensor, window: int, device: torch.devi
     else:
         loss = perplexity(model, ids, window, window, device=device, progress=False).nll
     macs = macs_per_token(model, seq_len=MACS_SEQ_LEN)["total"] * MACS_SEQ_LEN
-    return Measured(loss=loss, params=count_params(model), bytes=count_bytes(model), macs=round(macs))
+    decode_macs = macs_per_decode_token(model, context=decode_context(model))["total"]
+    return Measured(loss=loss, params=count_params(model), bytes=count_bytes(model), macs=round(macs),
+                    decode_macs=round(decode_macs))
 
 
 def take(model: nn.Module, candidate: Candidate, ctx: Context) -> nn.Module:

@@ -41,13 +41,15 @@ from llmshrink.planning.measure import (
     reference_log_probs,
 )
 from llmshrink.planning.solver import Option, Plan, solve
-from llmshrink.planning.spec import MACS_SEQ_LEN, SCORE_NAMES, SearchSpec, TargetSpec
+from llmshrink.planning.spec import MACS_SEQ_LEN, SCORE_NAMES, UNITS, SearchSpec, TargetSpec
+
+SIZES = tuple(UNITS.values())  # every size a plan accounts for and check_planned verifies
 
 
 @dataclass
 class Planned:
     stages: list[dict[str, Any]]  # {pass: config} items, in the order they run
-    kind: str
+    unit: str  # what the budget counts: params, bytes, macs or decode_macs
     base: Measured
     predicted: dict[str, int]  # the planned model's params, bytes and macs by the plan's accounting
     predicted_loss: float  # base loss + the chosen options' costs
@@ -60,7 +62,7 @@ def plan(model: nn.Module, target: TargetSpec, search: SearchSpec | None, ctx: C
          cache_dir: Path | None, log: Callable[[str], None] = print) -> Planned:
     """Measure, solve and emit for `model` (left unchanged). Refuses an unreachable budget in one line."""
     search = search or SearchSpec()
-    kind = target.kind
+    kind, unit = target.kind, target.unit
     _, _, blocks = find_blocks(model, "target")
     candidates = make_candidates(len(blocks), search, kind)
     tokens = search.calibration_tokens
@@ -71,39 +73,39 @@ def plan(model: nn.Module, target: TargetSpec, search: SearchSpec | None, ctx: C
     base, measured = measure_all(model, candidates, ctx, ids, reference, cache, log)
     if not math.isfinite(base.loss):
         raise LlmshrinkError(f"target: the base model's calibration loss is {base.loss}; it cannot be planned for")
-    if kind == "macs" and not macs_per_token(model, seq_len=MACS_SEQ_LEN)["complete"]:
-        raise LlmshrinkError("target.macs: some of this model's layers run kernels the MAC counter does not know, "
+    if unit in ("macs", "decode_macs") and not macs_per_token(model, seq_len=MACS_SEQ_LEN)["complete"]:
+        raise LlmshrinkError(f"target.{kind}: some of this model's layers run kernels the MAC counter does not know, "
                              "so MACs would be undercounted; plan for params or bytes")
 
-    combos = _options(candidates, measured, base, kind)
-    limit = target.limit(base.size(kind))
-    smallest = base.size(kind) - _most_saving(combos, len(blocks))
+    combos = _options(candidates, measured, base, unit)
+    limit = target.limit(base.size(unit))
+    smallest = base.size(unit) - _most_saving(combos, len(blocks))
     if smallest > limit:
-        raise LlmshrinkError(
-            f"target.{kind}: {target.value:g} ({limit:,} {kind}) is out of reach of the search space; the smallest "
-            f"it reaches is {smallest / base.size(kind):.4f} of the base ({smallest:,} {kind})")
-    solution = _solve(combos, base.size(kind) - limit, len(blocks), f"target.{kind}")
+        reached = (f"the fastest it reaches is {base.size(unit) / smallest:.4f}x" if kind == "decode_speedup" else
+                   f"the smallest it reaches is {smallest / base.size(unit):.4f} of the base")
+        raise LlmshrinkError(f"target.{kind}: {target.value:g} ({limit:,} {unit}) is out of reach of the search space; "
+                             f"{reached} ({smallest:,} {unit})")
+    solution = _solve(combos, base.size(unit) - limit, len(blocks), f"target.{kind}")
     chosen = [c for option in solution.chosen.values() for c in combos[option]]
     stages = emit_stages(chosen)
-    predicted = {k: base.size(k) - sum(base.size(k) - measured[c.key].size(k) for c in chosen)
-                 for k in ("params", "bytes", "macs")}
-    planned = Planned(stages, kind, base, predicted, base.loss + solution.cost, calibration=ids, reference=reference)
+    predicted = {k: base.size(k) - sum(base.size(k) - measured[c.key].size(k) for c in chosen) for k in SIZES}
+    planned = Planned(stages, unit, base, predicted, base.loss + solution.cost, calibration=ids, reference=reference)
     planned.record = {
-        "target": {kind: target.value, "limit": limit, "base": base.size(kind)},
+        "target": {kind: target.value, "limit": limit, "base": base.size(unit), "unit": unit},
         "solver": solution.method,
         "score": search.score,
         "calibration_tokens": tokens,
-        "base": {"loss": base.loss, "params": base.params, "bytes": base.bytes, "macs": base.macs},
+        "base": {"loss": base.loss, **{k: base.size(k) for k in SIZES}},
         "predicted": {**predicted, "loss": planned.predicted_loss},
-        "decisions": [{"block": c.block, "decision": c.label, "stage": c.stage, "saving": base.size(kind) -
-                       measured[c.key].size(kind), "loss_increase": measured[c.key].loss - base.loss}
+        "decisions": [{"block": c.block, "decision": c.label, "stage": c.stage, "saving": base.size(unit) -
+                       measured[c.key].size(unit), "loss_increase": measured[c.key].loss - base.loss}
                       for c in sorted(chosen, key=lambda c: (c.block, c.slot))],
         "stages": stages,
         "measurements": {c.key: {"block": c.block, "decision": c.label, **vars(measured[c.key])} for c in candidates},
         "cache": str(cache.path) if cache.path else None,
     }
-    log(f"  plan ({solution.method}): {len(chosen)} decisions in {len(stages)} stages; {kind} {base.size(kind):,} -> "
-        f"{predicted[kind]:,} ({predicted[kind] / base.size(kind):.3f}x, budget {limit:,}); estimated calibration "
+    log(f"  plan ({solution.method}): {len(chosen)} decisions in {len(stages)} stages; {unit} {base.size(unit):,} -> "
+        f"{predicted[unit]:,} ({predicted[unit] / base.size(unit):.3f}x, budget {limit:,}); estimated calibration "
         f"{SCORE_NAMES[search.score]} {base.loss:.4f} -> {planned.predicted_loss:.4f}")
     return planned
 
@@ -143,7 +145,7 @@ def _solve(combos: dict[Option, tuple[Candidate, ...]], need: int, blocks: int, 
 
 
 def _options(candidates: list[Candidate], measured: dict[str, Measured], base: Measured,
-             kind: str) -> dict[Option, tuple[Candidate, ...]]:
+             unit: str) -> dict[Option, tuple[Candidate, ...]]:
     """Each block's allowed combinations as solver options, with the candidates behind each. Options that save
     nothing go; of options of one block with equal savings, the cheapest stays."""
     by_block: dict[int, list[Candidate]] = {}
@@ -153,7 +155,7 @@ def _options(candidates: list[Candidate], measured: dict[str, Measured], base: M
     for block, members in sorted(by_block.items()):
         best: dict[int, tuple[Option, tuple[Candidate, ...]]] = {}
         for combo in block_choices(members):
-            saving = sum(base.size(kind) - measured[c.key].size(kind) for c in combo)
+            saving = sum(base.size(unit) - measured[c.key].size(unit) for c in combo)
             increases = [measured[c.key].loss - base.loss for c in combo]
             if saving <= 0 or not all(math.isfinite(x) for x in increases):
                 continue  # saves nothing, or broke the model (a NaN loss must not count as free)
@@ -170,10 +172,12 @@ def check_planned(model: nn.Module, planned: Planned, ctx: Context) -> dict[str,
     """After the planned stages: the model's exact size must be the plan's; its loss, measured jointly, is
     recorded beside the estimate (the sum of the decisions' losses taken alone)."""
     got = measure(model, planned.calibration, calibration_window(model), ctx.device, planned.reference)
-    sizes = {k: got.size(k) for k in ("params", "bytes", "macs")}
-    if sizes[planned.kind] != planned.predicted[planned.kind]:
-        raise LlmshrinkError(f"target.{planned.kind}: the planned stages left {sizes[planned.kind]:,} {planned.kind}, "
-                             f"the plan counted {planned.predicted[planned.kind]:,}: the decisions' savings do not add up")
+    sizes = {k: got.size(k) for k in SIZES}
+    unit = planned.unit
+    if sizes[unit] != planned.predicted[unit]:
+        kind = next(iter(planned.record["target"]))
+        raise LlmshrinkError(f"target.{kind}: the planned stages left {sizes[unit]:,} {unit}, the plan counted "
+                             f"{planned.predicted[unit]:,}: the decisions' savings do not add up")
     planned.record["measured"] = {**sizes, "loss": got.loss}
     return planned.record["measured"]
 
