@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from fractions import Fraction
 
 import pytest
@@ -259,7 +258,7 @@ def large_instance(rng: random.Random, regular: bool) -> list[Option]:
 
 
 @pytest.mark.parametrize("regular", [False, True])
-def test_large_instance_is_fast(regular):
+def test_large_instance_is_solved_exactly_within_the_work_limit(regular):
     rng = random.Random(3)
     options = large_instance(rng, regular)
     most = sum(max(o.saving for o in options if o.group == f"block {b}") for b in range(30))
@@ -269,10 +268,7 @@ def test_large_instance_is_fast(regular):
         need = int(fraction * most)
         plans = {}
         for limit in (None, 0):
-            start = time.perf_counter()
             plan = solve(options, need) if limit is None else solve(options, need, exact_limit=limit)
-            elapsed = time.perf_counter() - start
-            assert elapsed < 1.0, (fraction, limit, elapsed)
             check_valid(plan, options, need)
             plans[limit] = plan
         assert plans[0].method == "greedy"
@@ -281,16 +277,15 @@ def test_large_instance_is_fast(regular):
         assert exact_cost(plans[None]) <= exact_cost(plans[0]) <= exact_cost(plans[None]) + Fraction(spread)
 
 
-def test_many_groups_fall_back_to_greedy_quickly():
-    """300 groups x 4 random options: the DP stops at its limit (finishing would take over a minute), then the
-    greedy. About 0.25 s on an idle core; 2 s leaves room for a busy machine."""
+def test_many_groups_fall_back_to_greedy():
+    """300 groups x 4 random options: the DP stops at its work limit (finishing would take over a minute; about
+    0.25 s with the fallback on an idle core, which benchmarks rather than this test would time), then the
+    greedy."""
     rng = random.Random(5)
     options = [Option(f"g{g}", f"o{k}", rng.randint(100_000, 900_000), rng.uniform(-0.01, 1))
                for g in range(300) for k in range(4)]
     need = int(0.6 * sum(max(o.saving for o in options if o.group == f"g{g}") for g in range(300)))
     for limit in (None, 0):
-        start = time.perf_counter()
         plan = solve(options, need) if limit is None else solve(options, need, exact_limit=limit)
-        assert time.perf_counter() - start < (2.0 if limit is None else 1.0)
         assert plan.method == "greedy"
         check_valid(plan, options, need)
