@@ -1,8 +1,9 @@
 """Measure each candidate decision alone: take it on a copy of the base, then its exact size and calibration loss.
 
 Size is counted on the model itself (unique parameters, the checkpoint's tensor bytes, MACs of one forward over
-MACS_SEQ_LEN tokens and of one decode step after them), so a plan's accounting is the model's, not an estimate. Loss, over calibration windows spread
-evenly across the training text (a mix's corpus and its teacher samples alike), is by the search's `score`:
+MACS_SEQ_LEN tokens and of one decode step after them), so a plan's accounting is the model's, not an estimate.
+Loss, over calibration windows spread evenly across the training text (a mix's corpus and its teacher samples
+alike), is by the search's `score`:
 - kl (default): the mean KL(base || model) per token, nats: how far the decision moves the model from the base
   on every next token, whatever the text. It is what recovery distils back toward, and it does not reward
   keeping what only the calibration text needs (NLL does: in benchmarks/target.py its plans were 4-6% worse

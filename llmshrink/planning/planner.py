@@ -51,7 +51,7 @@ class Planned:
     stages: list[dict[str, Any]]  # {pass: config} items, in the order they run
     unit: str  # what the budget counts: params, bytes, macs or decode_macs
     base: Measured
-    predicted: dict[str, int]  # the planned model's params, bytes and macs by the plan's accounting
+    predicted: dict[str, int]  # the planned model's SIZES by the plan's accounting
     predicted_loss: float  # base loss + the chosen options' costs
     record: dict[str, Any] = field(default_factory=dict)  # what plan.json / the manifest keep
     calibration: torch.Tensor | None = field(default=None, repr=False)  # the token ids measured on

@@ -23,8 +23,9 @@ from llmshrink.specs import Spec
 
 # What a budget counts. Each is measured exactly on the model: unique parameters, the checkpoint's tensor bytes,
 # multiply-accumulates of one forward over MACS_SEQ_LEN tokens; decode_speedup divides the MACs of one decode step
-# (a token after MACS_SEQ_LEN cached ones, fewer where the model's positions end): batch-1 decoding reads every weight once per token, so its speed on a
-# CPU follows them (the timed speed is evaluate.latency's, beside the base's).
+# (a token after MACS_SEQ_LEN cached ones, fewer where the model's positions end): batch-1 decoding reads every
+# weight once per token, so its speed on a CPU follows them (the timed speed is evaluate.latency's, beside the
+# base's).
 TARGET_KINDS = ("params", "bytes", "macs", "decode_speedup")
 UNITS = {"params": "params", "bytes": "bytes", "macs": "macs", "decode_speedup": "decode_macs"}  # what each counts
 QUANTIZE_FORMATS = ("int8-dynamic", "bnb-nf4", "bnb-fp4", "bnb-int8")
