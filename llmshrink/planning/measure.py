@@ -34,6 +34,7 @@ from llmshrink.errors import LlmshrinkError
 from llmshrink.eval.macs import macs_per_decode_token, macs_per_token
 from llmshrink.eval.perplexity import max_positions, perplexity, window_logits
 from llmshrink.eval.size import count_bytes, count_params
+from llmshrink.eval.task_eval import evaluating
 from llmshrink.fileio import atomic_write_text
 from llmshrink.planning.candidates import Candidate
 from llmshrink.planning.spec import MACS_SEQ_LEN
@@ -76,8 +77,9 @@ def calibration_ids(ctx: Context, tokens: int, window: int) -> torch.Tensor:
 
 
 def _window_log_probs(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device):
-    """Log-probabilities over the vocabulary at every position, window by window (float32, on the CPU)."""
-    with torch.no_grad():
+    """Log-probabilities over the vocabulary at every position, window by window (float32, on the CPU), in eval
+    mode without gradients (the model's own mode back afterwards)."""
+    with evaluating(model):
         for start in range(0, ids.numel(), window):
             logits = window_logits(model, ids[start:start + window][None].to(device))[0]
             yield torch.log_softmax(logits.float(), dim=-1).cpu()
@@ -85,26 +87,16 @@ def _window_log_probs(model: nn.Module, ids: torch.Tensor, window: int, device: 
 
 def reference_log_probs(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device) -> torch.Tensor:
     """The base's log-probabilities on the calibration tokens (tokens x vocab): what KL scores compare against."""
-    was_training = model.training
-    model.eval()
-    try:
-        return torch.cat(list(_window_log_probs(model, ids, window, device)))
-    finally:
-        model.train(was_training)
+    return torch.cat(list(_window_log_probs(model, ids, window, device)))
 
 
 def mean_kl(model: nn.Module, ids: torch.Tensor, window: int, device: torch.device, reference: torch.Tensor) -> float:
     """Mean over tokens of KL(reference || model), nats."""
-    was_training = model.training
-    model.eval()
     total, start = 0.0, 0
-    try:
-        for log_q in _window_log_probs(model, ids, window, device):
-            log_p = reference[start:start + log_q.shape[0]]
-            total += float((log_p.exp() * (log_p - log_q)).sum())
-            start += log_q.shape[0]
-    finally:
-        model.train(was_training)
+    for log_q in _window_log_probs(model, ids, window, device):
+        log_p = reference[start:start + log_q.shape[0]]
+        total += float((log_p.exp() * (log_p - log_q)).sum())
+        start += log_q.shape[0]
     return total / start
 
 
