@@ -306,6 +306,7 @@ RECIPE = "name: t\nmodel: {id: some/dir}\nstages:\n  - prune_ffn: {%s}\noutput: 
         ("keep: 0.5, ratio: 0.5", "stages[0].prune_ffn: value error, set keep (share of neurons) or ratio "
                                   "(share of FFN parameters), not both, got {'keep': 0.5, 'ratio': 0.5}"),
         ("scope: everywhere", "stages[0].prune_ffn.scope: input should be 'per_layer' or 'global', got 'everywhere'"),
+        ("refit_tokens: 8", "stages[0].prune_ffn.refit_tokens: input should be greater than or equal to 16, got 8"),
     ],
 )
 def test_bad_config_is_one_line(tmp_path, body, message):

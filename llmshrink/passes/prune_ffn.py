@@ -29,6 +29,7 @@ from llmshrink.modules.pruned import PrunedLinear
 from llmshrink.passes.base import PassRecord
 from llmshrink.passes.configs.prune_ffn import PruneFfnConfig
 from llmshrink.prune_units import check_dense, choose_blocks
+from llmshrink.refit_output import refit, refit_sums
 from llmshrink.targeting import dense_weight, hooked_eval, replace_module, token_windows
 
 
@@ -60,11 +61,19 @@ def apply(model, cfg: PruneFfnConfig, ctx: Context) -> PassRecord:
         share = 0.5 if cfg.keep is None else cfg.keep
         kept = select_neurons(scores, share, cfg.scope, cfg.min_keep, cfg.multiple_of)
 
+    sums, refit_tokens = {}, None
+    if cfg.refit_output:  # measured on the dense blocks, before any is pruned
+        shrinking = [block for block in blocks if kept[block.name].numel() < sizes[block.name]]
+        outputs = {block.name: model.get_submodule(block.output) for block in shrinking}
+        sums, refit_tokens = refit_sums(model, outputs, {block.name: kept[block.name] for block in shrinking},
+                                        cfg.refit_tokens, ctx)
     layers = []
     for block in blocks:
         keep, total = kept[block.name], sizes[block.name]
         if keep.numel() < total:  # a block keeping every neuron stays as it is
             prune_block(model, block, keep)
+            if block.name in sums:
+                refit(model.get_submodule(block.output), *sums.pop(block.name))
         pruned = sorted(set(range(total)) - set(keep.tolist()))
         layers.append({
             "name": block.name, "kept": int(keep.numel()), "total": total,
@@ -76,6 +85,7 @@ def apply(model, cfg: PruneFfnConfig, ctx: Context) -> PassRecord:
         "importance": cfg.importance,
         "scope": cfg.scope,
         "calibration_tokens": tokens,
+        "refit_tokens": refit_tokens,
         "neurons_before": sum(layer["total"] for layer in layers),
         "neurons_after": sum(layer["kept"] for layer in layers),
         "params_before": sum(layer["params_before"] for layer in layers),

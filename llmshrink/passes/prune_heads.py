@@ -45,6 +45,7 @@ from llmshrink.prune_units import (
     slot_scores,
     top,
 )
+from llmshrink.refit_output import refit, refit_sums
 from llmshrink.targeting import (
     dense_weight,
     hooked_eval,
@@ -105,12 +106,21 @@ def apply(model, cfg: PruneHeadsConfig, ctx: Context) -> PassRecord:
         counts = {name: int(kept.numel()) for name, kept in kept_units.items()}
 
     model_params = _params(model)
+    kept = {block.name: kept_heads(block, scores[block.name], counts[block.name]) for block in blocks}
+    sums, refit_tokens = {}, None
+    if cfg.refit_output:  # measured on the dense attentions, before any is pruned
+        shrinking = [block for block in blocks if kept[block.name].numel() < block.heads]
+        outputs = {block.name: model.get_submodule(block.output) for block in shrinking}
+        features = {block.name: head_features(kept[block.name], block.head_dim) for block in shrinking}
+        sums, refit_tokens = refit_sums(model, outputs, features, cfg.refit_tokens, ctx)
     layers = []
     for block in blocks:
-        heads = kept_heads(block, scores[block.name], counts[block.name])
+        heads = kept[block.name]
         params = block_params(model, block)
         if heads.numel() < block.heads:  # a layer keeping every head stays as it is
             prune_block(model, block, heads)
+            if block.name in sums:
+                refit(model.get_submodule(block.output), *sums.pop(block.name))
         removed = sorted(set(range(block.heads)) - set(heads.tolist()))
         groups = sorted({h // block.group for h in heads.tolist()})
         layers.append({
@@ -135,6 +145,7 @@ def apply(model, cfg: PruneHeadsConfig, ctx: Context) -> PassRecord:
         "scope": "per_layer" if cfg.heads_per_layer is not None else cfg.scope,
         "normalize": normalize if cfg.scope == "global" and cfg.heads_per_layer is None else None,
         "calibration_tokens": tokens,
+        "refit_tokens": refit_tokens,
         "heads_before": sum(layer["heads_total"] for layer in layers),
         "heads_after": sum(layer["heads_kept"] for layer in layers),
         "heads_kept": [layer["heads_kept"] for layer in layers],  # per pruned layer, for (layers, heads) tables

@@ -7,12 +7,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from llmshrink.fields import BlockIndices, Regex
-from llmshrink.passes.base import PassConfig
+from llmshrink.passes.configs.refit_output import RefitOutputConfig
 from llmshrink.registry import register_pass
 
 
 @register_pass("prune_ffn")
-class PruneFfnConfig(PassConfig):
+class PruneFfnConfig(RefitOutputConfig):
     importance: Literal["magnitude", "activation", "taylor"] = Field(
         "activation",
         description="magnitude: |in rows| x |out column|; activation: mean |activation| on calibration tokens; "

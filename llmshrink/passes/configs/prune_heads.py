@@ -7,12 +7,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from llmshrink.fields import BlockIndices, Regex
-from llmshrink.passes.base import PassConfig
+from llmshrink.passes.configs.refit_output import RefitOutputConfig
 from llmshrink.registry import register_pass
 
 
 @register_pass("prune_heads")
-class PruneHeadsConfig(PassConfig):
+class PruneHeadsConfig(RefitOutputConfig):
     importance: Literal["output_norm", "taylor", "magnitude"] = Field(
         "output_norm",
         description="output_norm: mean L2 norm of a head's output-projected contribution on calibration tokens; "
