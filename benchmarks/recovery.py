@@ -41,6 +41,7 @@ KRON_BLOCKS = [5, 7, 10, 12, 13, 14, 16, 17, 18, 19, 26]  # what the offline rec
 STARTS = {
     "kron": "Kronecker rank 4, MLPs of 11 blocks (the offline recipe)",
     "prune_ffn": "prune_ffn keep 0.66, activation importance, global (about 0.8x params)",
+    "prune_ffn+refit": "the same, output projections refitted by least squares (refit_output) on 8,192 tokens of the mix",
 }
 LOSSES = {
     "fkl+ce": dict(loss="forward_kl", alpha=0.5, temperature=2.0),
@@ -121,7 +122,9 @@ def main() -> None:
         if key in results:
             continue
         if start not in starts:
-            starts[start] = _compress(start, teacher, contexts["shakespeare"])
+            # The refit reads the recipes' recovery text (the mix), whatever the run's data.
+            ctx = contexts["mix"] if start.endswith("+refit") else contexts["shakespeare"]
+            starts[start] = _compress(start, teacher, ctx)
             if start != "control" and f"{start}/untrained" not in results:
                 save(f"{start}/untrained", measure(starts[start]) | {"params": _params(starts[start])})
         model = copy.deepcopy(starts[start]).requires_grad_(True)
@@ -143,9 +146,10 @@ def _compress(start: str, teacher, ctx: Context):
         kronecker.apply(model, kronecker.KroneckerConfig(
             targets=r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj", a_shape=(32, 24), rank=4, permute=False,
             layers=KRON_BLOCKS), ctx)
-    elif start == "prune_ffn":
+    elif start.startswith("prune_ffn"):
         prune_ffn.apply(model, prune_ffn.PruneFfnConfig(
-            importance="activation", keep=0.66, scope="global", min_keep=64, multiple_of=8), ctx)
+            importance="activation", keep=0.66, scope="global", min_keep=64, multiple_of=8,
+            refit_output=start.endswith("+refit")), ctx)
     return model
 
 

@@ -51,13 +51,14 @@ def test_distill_benchmark_prints_every_method_and_draws_curves(tmp_path):
 @pytest.mark.slow
 def test_recovery_benchmark_saves_each_run_skips_it_on_rerun_and_prints_both_domains(tmp_path):
     results, samples = tmp_path / "recovery.json", tmp_path / "samples"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "recovery.py"), "--starts", "prune_ffn,control", "--data", "mix",
-           "--losses", "fkl+ce,skew", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "600",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "recovery.py"), "--starts", "prune_ffn,prune_ffn+refit,control",
+           "--data", "mix", "--losses", "fkl+ce,skew", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "600",
            "--tasks", "", "--json", str(results), "--samples-dir", str(samples)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     saved = json.loads(results.read_text())
     assert list(saved) == ["base", "prune_ffn/untrained", "prune_ffn/mix/fkl+ce", "prune_ffn/mix/skew",
+                           "prune_ffn+refit/untrained", "prune_ffn+refit/mix/fkl+ce", "prune_ffn+refit/mix/skew",
                            "control/mix/fkl+ce"]  # the control only with the recipes' objective
     assert {row.get("tokens") for key, row in saved.items() if key.count("/") == 2} == {64}
     assert list(samples.glob("*/batch-00000.safetensors"))  # the mix's teacher half, cached
@@ -65,6 +66,8 @@ def test_recovery_benchmark_saves_each_run_skips_it_on_rerun_and_prints_both_dom
                       done.stdout, re.M)
     assert [r[0] for r in rows] == list(saved) and rows[0][1:] == ("1.00", "1.00", "1.00")
     assert float(rows[1][1]) < 0.85  # prune_ffn keep 0.66: about 0.8x the parameters
+    refit, plain = saved["prune_ffn+refit/untrained"], saved["prune_ffn/untrained"]
+    assert refit["params"] == plain["params"] and refit["shakespeare"] != plain["shakespeare"]  # same shape, refitted
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and json.loads(results.read_text()) == saved  # every run was skipped
 
