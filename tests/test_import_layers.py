@@ -54,7 +54,7 @@ LAYERS = (
     Layer("eval and distill", ("llmshrink.eval.*", "llmshrink.distill.*")),
     Layer("pass support", (
         "llmshrink.context", "llmshrink.importance", "llmshrink.sensitivity", "llmshrink.blocks",
-        "llmshrink.families", "llmshrink.prune_units",
+        "llmshrink.families", "llmshrink.prune_units", "llmshrink.refit_output",
         "llmshrink.quant_layers", "llmshrink.passes.base",
     )),
     # Exports of a checkpoint (hf-dense, then gguf, onnx): load it, make it plain, write and verify it in its
