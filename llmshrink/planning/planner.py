@@ -49,6 +49,7 @@ SIZES = tuple(UNITS.values())  # every size a plan accounts for and check_planne
 @dataclass
 class Planned:
     stages: list[dict[str, Any]]  # {pass: config} items, in the order they run
+    kind: str  # the target's key: params, bytes, macs or decode_speedup
     unit: str  # what the budget counts: params, bytes, macs or decode_macs
     base: Measured
     predicted: dict[str, int]  # the planned model's SIZES by the plan's accounting
@@ -89,7 +90,7 @@ def plan(model: nn.Module, target: TargetSpec, search: SearchSpec | None, ctx: C
     chosen = [c for option in solution.chosen.values() for c in combos[option]]
     stages = emit_stages(chosen)
     predicted = {k: base.size(k) - sum(base.size(k) - measured[c.key].size(k) for c in chosen) for k in SIZES}
-    planned = Planned(stages, unit, base, predicted, base.loss + solution.cost, calibration=ids, reference=reference)
+    planned = Planned(stages, kind, unit, base, predicted, base.loss + solution.cost, calibration=ids, reference=reference)
     planned.record = {
         "target": {kind: target.value, "limit": limit, "base": base.size(unit), "unit": unit},
         "solver": solution.method,
@@ -175,8 +176,7 @@ def check_planned(model: nn.Module, planned: Planned, ctx: Context) -> dict[str,
     sizes = {k: got.size(k) for k in SIZES}
     unit = planned.unit
     if sizes[unit] != planned.predicted[unit]:
-        kind = next(iter(planned.record["target"]))
-        raise LlmshrinkError(f"target.{kind}: the planned stages left {sizes[unit]:,} {unit}, the plan counted "
+        raise LlmshrinkError(f"target.{planned.kind}: the planned stages left {sizes[unit]:,} {unit}, the plan counted "
                              f"{planned.predicted[unit]:,}: the decisions' savings do not add up")
     planned.record["measured"] = {**sizes, "loss": got.loss}
     return planned.record["measured"]
